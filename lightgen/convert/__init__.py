@@ -1,0 +1,19 @@
+"""Import of official checkpoints (and export to other libraries' layouts)."""
+
+from .dit import (
+    diffusers_dit_kwargs,
+    dit_to_diffusers_state_dict,
+    extract_dit_state_dict,
+    infer_dit_config,
+    load_official_dit,
+    match_official_timestep_embedding,
+)
+
+__all__ = [
+    "diffusers_dit_kwargs",
+    "dit_to_diffusers_state_dict",
+    "extract_dit_state_dict",
+    "infer_dit_config",
+    "load_official_dit",
+    "match_official_timestep_embedding",
+]

@@ -1,0 +1,3 @@
+from lightgen.first_stage.identity import IdentityFirstStage
+
+__all__ = ["IdentityFirstStage"]

@@ -1,0 +1,126 @@
+"""What every lightgen method shares: EMA, optimiser, first stage, logging, checkpoint extras."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightgen.methods.ema import make_ema, update_ema
+from lightgen.utils.rng import get_rng_state, seed_all, set_rng_state
+
+CHECKPOINT_KEY = "lightgen"
+FORMAT_VERSION = 1
+
+
+class GenerativeModule(pl.LightningModule):
+    """Base LightningModule.
+
+    Args:
+        net: the network (``cfg.model``), a plain ``nn.Module``.
+        first_stage: encoder/decoder between images and the space the net works in.
+        optimizer: ``functools.partial`` of a torch optimiser (``cfg.optim.optimizer``).
+        scheduler: optional partial taking the optimiser (stepped every training step).
+        ema_decay: EMA decay, updated after every optimiser step (DiT: 0.9999).
+        seed: global seed; rank ``r`` of ``W`` draws noise from ``seed * W + r``.
+        config: the resolved run config, stored in every checkpoint so ``lightgen.sample``
+            can rebuild the run.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        first_stage: nn.Module,
+        optimizer,
+        scheduler=None,
+        ema_decay: float = 0.9999,
+        seed: int = 0,
+        config: dict | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"method.ema_decay={ema_decay} must be in [0, 1); DiT uses 0.9999.")
+        self.net = net
+        self.ema = make_ema(net)
+        self.first_stage = first_stage
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.ema_decay = ema_decay
+        self.seed = seed
+        self.config = config
+        self._resume_rng: list | None = None
+        self._resume_world_size: int | None = None
+
+    # -- data -----------------------------------------------------------------------------
+    def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pre-extracted latents are used as they are; images go through the first stage."""
+        if "latent" in batch:
+            return batch["latent"]
+        with torch.no_grad():
+            return self.first_stage.encode(batch["image"])
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        update_ema(self.ema, self.net, self.ema_decay)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, sync_dist=False)
+
+    # -- logging --------------------------------------------------------------------------
+    def log_mean_across_ranks(self, values: dict[str, torch.Tensor], batch_size: int, prog_bar=("train/loss",)):
+        """Average scalars over all ranks with one collective, then log them (rank-agnostic)."""
+        names = list(values)
+        stacked = torch.stack([values[k].detach().float() for k in names])
+        stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean") if self._trainer else stacked
+        for i, k in enumerate(names):
+            self.log(k, stacked[i], on_step=True, on_epoch=False, prog_bar=k in prog_bar, batch_size=batch_size)
+
+    # -- RNG and checkpoints ----------------------------------------------------------------
+    def on_train_start(self) -> None:
+        rank, world = self.global_rank, self.trainer.world_size
+        if self._resume_rng is not None and self._resume_world_size == world:
+            set_rng_state(self._resume_rng[rank])
+        else:
+            if self._resume_rng is not None:
+                warnings.warn(
+                    f"resuming with {world} processes from a checkpoint written by {self._resume_world_size}: "
+                    "the noise stream is re-seeded, so the run will not be bit-identical to an uninterrupted one.",
+                    stacklevel=1,
+                )
+            seed_all(self.seed * world + rank + 1_000_003 * self.global_step)
+        self._resume_rng = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = get_rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config,
+            "rng_states": states,
+            "net_class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CHECKPOINT_KEY, {})
+        states = extra.get("rng_states")
+        if states:
+            self._resume_rng = states
+            self._resume_world_size = len(states)

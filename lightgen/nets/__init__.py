@@ -1,0 +1,29 @@
+"""Plain ``torch.nn`` networks (no Lightning, Hydra or diffusion logic)."""
+
+from .dit import DIT_CONFIGS, DiT, DiTBlock, FinalLayer, dit_config
+from .layers import (
+    LabelEmbedder,
+    TimestepEmbedder,
+    apply_cfg,
+    check_positive_int,
+    get_1d_sincos_pos_embed_from_grid,
+    get_2d_sincos_pos_embed,
+    modulate,
+    resolve_guidance_channels,
+)
+
+__all__ = [
+    "DIT_CONFIGS",
+    "DiT",
+    "DiTBlock",
+    "FinalLayer",
+    "LabelEmbedder",
+    "TimestepEmbedder",
+    "apply_cfg",
+    "check_positive_int",
+    "dit_config",
+    "get_1d_sincos_pos_embed_from_grid",
+    "get_2d_sincos_pos_embed",
+    "modulate",
+    "resolve_guidance_channels",
+]

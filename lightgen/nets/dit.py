@@ -1,0 +1,263 @@
+"""DiT: the diffusion transformer of Peebles & Xie (ICCV 2023), faithful to the official code.
+
+Architecture, initialisation and parameter names follow facebookresearch/DiT ``models.py``, so
+released checkpoints (``DiT-XL-2-256x256.pt``) load with ``strict=True`` (see
+:mod:`lightgen.convert.dit`). The only additions are input validation with clear errors, the
+``guidance_channels`` option of :meth:`DiT.forward_with_cfg` (3 = official, ``"all"`` = standard
+CFG), per-sample guidance scales, and optional activation checkpointing (off by default).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import (
+    LabelEmbedder,
+    TimestepEmbedder,
+    apply_cfg,
+    check_positive_int,
+    get_2d_sincos_pos_embed,
+    modulate,
+    resolve_guidance_channels,
+)
+
+__all__ = ["DIT_CONFIGS", "DiT", "DiTBlock", "FinalLayer", "dit_config"]
+
+#: Official model sizes (``DiT_models`` in the official code); patch size is chosen separately.
+DIT_CONFIGS: dict[str, dict[str, int]] = {
+    "S": {"depth": 12, "hidden_size": 384, "num_heads": 6},
+    "B": {"depth": 12, "hidden_size": 768, "num_heads": 12},
+    "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16},
+    "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16},
+}
+
+
+def dit_config(size: str) -> dict[str, int]:
+    """Constructor kwargs of an official size: ``"XL"`` -> depth/hidden_size/num_heads;
+    ``"XL/2"`` or ``"DiT-XL/2"`` (case-insensitive) also sets ``patch_size``."""
+    m = re.fullmatch(r"\s*(?:dit[-_]?)?(s|b|l|xl)(?:\s*[/_-]\s*(\d+))?\s*", str(size), flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(
+            f"dit_config: unknown DiT size {size!r}; use one of {', '.join(DIT_CONFIGS)} "
+            "optionally with a patch size (e.g. 'XL/2')."
+        )
+    cfg = dict(DIT_CONFIGS[m.group(1).upper()])
+    if m.group(2) is not None:
+        cfg["patch_size"] = int(m.group(2))
+    return cfg
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (official ``DiTBlock``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(
+            in_features=hidden_size,
+            hidden_features=int(hidden_size * mlp_ratio),
+            act_layer=lambda: nn.GELU(approximate="tanh"),
+            drop=0,
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear projection to ``patch_size**2 * out_channels``."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def _divisor_hint(n: int, preferred: tuple[int, ...]) -> int:
+    return next((p for p in preferred if n % p == 0), 1)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer (official DiT).
+
+    ``forward(x, t, y)`` maps latents (N, in_channels, input_size, input_size), timesteps (N,) and
+    class labels (N,) to (N, out_channels, input_size, input_size), ``out_channels = 2*in_channels``
+    with ``learn_sigma`` (eps then the variance interpolation), else ``in_channels``.
+    ``guidance_channels`` selects how many eps channels :meth:`forward_with_cfg` guides: 3 is the
+    official behaviour, ``"all"`` the standard one. Set ``grad_checkpointing = True`` to recompute
+    block activations in the backward pass (saves memory, same numbers).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        guidance_channels: int | str = 3,
+    ):
+        super().__init__()
+        input_size = check_positive_int("DiT", "input_size", input_size)
+        patch_size = check_positive_int("DiT", "patch_size", patch_size)
+        in_channels = check_positive_int("DiT", "in_channels", in_channels)
+        hidden_size = check_positive_int("DiT", "hidden_size", hidden_size)
+        depth = check_positive_int("DiT", "depth", depth)
+        num_heads = check_positive_int("DiT", "num_heads", num_heads)
+        num_classes = check_positive_int("DiT", "num_classes", num_classes)
+        if input_size % patch_size:
+            raise ValueError(
+                f"DiT: patch_size={patch_size} does not divide the input size {input_size}; choose a patch "
+                f"size that divides it (e.g. model.patch_size={_divisor_hint(input_size, (2, 4, 8))})."
+            )
+        if hidden_size % num_heads:
+            good = max(h for h in range(1, num_heads + 1) if hidden_size % h == 0)
+            raise ValueError(
+                f"DiT: hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose a head "
+                f"count that divides it (e.g. model.num_heads={good})."
+            )
+        if hidden_size % 4:
+            raise ValueError(
+                f"DiT: hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos position "
+                f"embedding; choose e.g. model.hidden_size={hidden_size + (-hidden_size) % 4 or 4}."
+            )
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"DiT: mlp_ratio={mlp_ratio!r} must be positive (e.g. model.mlp_ratio=4.0).")
+        if not 0.0 <= float(class_dropout_prob) < 1.0:
+            raise ValueError(
+                f"DiT: class_dropout_prob={class_dropout_prob!r} must be in [0, 1) (e.g. model.class_dropout_prob=0.1)."
+            )
+        resolve_guidance_channels(guidance_channels, in_channels, owner="DiT")
+
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = bool(learn_sigma)
+        self.out_channels = in_channels * 2 if self.learn_sigma else in_channels
+        self.guidance_channels = guidance_channels
+        self.grad_checkpointing = False
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, float(class_dropout_prob))
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos table; a frozen Parameter (as official: in state_dict, parameters() and EMA).
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Official initialisation, in the official order (the order fixes the RNG stream)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+
+        grid = self.input_size // self.patch_size
+        pos = get_2d_sincos_pos_embed(self.hidden_size, grid)
+        with torch.no_grad():
+            self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+
+        # Patch embedding initialised like an nn.Linear on the flattened (C*p*p) input.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity, the output starts at exactly 0.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    # ------------------------------------------------------------------ shapes
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C_out) tokens -> (N, C_out, H, W) image (square token grid)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(round(x.shape[1] ** 0.5))
+        if h * w != x.shape[1]:
+            raise ValueError(f"DiT.unpatchify: {x.shape[1]} tokens do not form a square grid.")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"DiT: expected input of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) "
+                f"(in_channels={self.in_channels}, input_size={self.input_size}), got {tuple(x.shape)}; "
+                "build the model with matching model.in_channels / model.input_size."
+            )
+        n = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"DiT: timesteps must have shape ({n},) for a batch of {n}, got {tuple(t.shape)}.")
+        if y.shape != (n,):
+            raise ValueError(f"DiT: class labels must have shape ({n},) for a batch of {n}, got {tuple(y.shape)}.")
+        return t
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) latents; t: (N,) timesteps (may be fractional); y: (N,) class labels
+        (``num_classes`` = the null class). Returns (N, out_channels, H, W)."""
+        t = self._check_inputs(x, t, y)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)
+        x = self.final_layer(x, c)  # (N, T, p*p*out_channels)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | torch.Tensor
+    ) -> torch.Tensor:
+        """Batched classifier-free guidance, official semantics.
+
+        The batch is ``[cond; uncond]`` (labels of the second half are the null class). The first
+        half of ``x`` is used for both halves; guidance ``uncond + s * (cond - uncond)`` is applied
+        to the first ``guidance_channels`` eps channels and duplicated to both halves; the other
+        channels pass through unguided. ``cfg_scale``: float or per-sample tensor (N/2,) or (N,).
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        return apply_cfg(out, self.in_channels, self.guidance_channels, cfg_scale)

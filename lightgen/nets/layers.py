@@ -1,0 +1,224 @@
+"""Shared building blocks of the diffusion transformers (DiT, MDT, DiffiT).
+
+Everything here follows the official DiT code (facebookresearch/DiT, ``models.py``) in layout,
+parameter names and numerics, so that official checkpoints load with ``strict=True`` and the
+nets built from these blocks reproduce the official outputs:
+
+* :func:`modulate` -- the adaLN shift/scale, per sample, broadcast over tokens.
+* :func:`get_2d_sincos_pos_embed` -- the MAE 2-D sin-cos table, computed in float64 numpy.
+* :class:`TimestepEmbedder` -- GLIDE sinusoidal features (cos first) followed by a 2-layer MLP.
+* :class:`LabelEmbedder` -- class table with an extra "null" row and label dropout for CFG.
+* :func:`apply_cfg` / :func:`resolve_guidance_channels` -- classifier-free guidance on a batch laid
+  out as ``[cond; uncond]``, with the official "first 3 channels only" behaviour as an option.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "LabelEmbedder",
+    "TimestepEmbedder",
+    "apply_cfg",
+    "check_positive_int",
+    "get_1d_sincos_pos_embed_from_grid",
+    "get_2d_sincos_pos_embed",
+    "modulate",
+    "resolve_guidance_channels",
+]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x * (1 + scale) + shift`` with (N, D) shift/scale broadcast over tokens.
+
+    ``x`` is (N, T, D); ``shift`` and ``scale`` are (N, D).
+    """
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sin-cos positional embeddings (MAE layout, as used by DiT / MDT)
+# ---------------------------------------------------------------------------------------------
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """1-D sin-cos features of positions ``pos`` (any shape, flattened) -> (M, embed_dim) float64.
+
+    The first half of the channels is ``sin(pos * w_i)``, the second half ``cos(pos * w_i)`` with
+    ``w_i = 10000 ** (-i / (embed_dim / 2))``, i = 0 .. embed_dim/2 - 1.
+    """
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got embed_dim={embed_dim}.")
+    freqs = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    freqs = 1.0 / 10000**freqs
+    angles = np.outer(np.asarray(pos, dtype=np.float64).reshape(-1), freqs)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int]) -> np.ndarray:
+    """2-D sin-cos positional table of a ``grid_size`` token grid -> (H*W, embed_dim) float64.
+
+    Layout exactly as the official DiT/MAE code: the grid is built "w first" (``meshgrid`` in xy
+    order), tokens are enumerated row by row (row-major over (h, w)), the first half of the
+    channels encodes ``grid[0]`` (the column / x index) and the second half ``grid[1]`` (the row /
+    y index); each half is a 1-D sin-cos embedding (sin first). ``grid_size`` is an int (square
+    grid) or ``(h, w)``. ``embed_dim`` must be divisible by 4.
+    """
+    if isinstance(grid_size, int):
+        gh = gw = grid_size
+    else:
+        gh, gw = (int(g) for g in grid_size)
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs embed_dim divisible by 4, got {embed_dim}.")
+    # grid_w varies along columns, grid_h along rows; both (gh, gw); "w goes first".
+    grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
+    emb_first = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)  # grid[0]
+    emb_second = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # grid[1]
+    return np.concatenate([emb_first, emb_second], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning embedders
+# ---------------------------------------------------------------------------------------------
+class TimestepEmbedder(nn.Module):
+    """Scalar (possibly fractional) timesteps -> (N, hidden_size) vectors.
+
+    Sinusoidal GLIDE features of ``frequency_embedding_size`` channels (cos first, then sin;
+    frequencies ``exp(-ln(max_period) * i / half)``), then ``mlp = Linear -> SiLU -> Linear``.
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """(N,) timesteps -> (N, dim) float32 features ``[cos(t*f), sin(t*f)]`` (+1 zero if dim odd)."""
+        half = dim // 2
+        exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half)
+        args = t.reshape(-1, 1).float() * torch.exp(exponent).reshape(1, -1)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, hidden_size) vectors, with label dropout for classifier-free guidance.
+
+    With ``dropout_prob > 0`` the table has ``num_classes + 1`` rows; row ``num_classes`` is the
+    null (unconditional) class. In training each label is independently replaced by the null class
+    with probability ``dropout_prob``; the Bernoulli draw uses ``torch.rand`` on the default (CPU)
+    generator like the official code, so the random stream is the official one.
+    ``force_drop_ids`` (N,) drops exactly the labels where it equals 1, in train and eval.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace dropped labels by the null class ``num_classes``."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0]) < self.dropout_prob
+        else:
+            drop_ids = torch.as_tensor(force_drop_ids) == 1
+        drop_ids = drop_ids.to(labels.device)
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ---------------------------------------------------------------------------------------------
+def resolve_guidance_channels(guidance_channels: int | str, in_channels: int, owner: str = "model") -> int:
+    """Validate ``guidance_channels`` (a positive int, or ``"all"``) and return the int.
+
+    The official DiT/MDT/DiffiT code guides only the first 3 channels of the eps prediction (an
+    artefact inherited from GLIDE's RGB pixels); ``"all"`` is the standard CFG on every channel.
+    Like the official slice ``eps[:, :3]``, an int larger than ``in_channels`` means every channel
+    (so the default 3 guides a 1-channel pixel-space model fully).
+    """
+    if isinstance(guidance_channels, str):
+        if guidance_channels.strip().lower() == "all":
+            return in_channels
+    elif isinstance(guidance_channels, (int, np.integer)) and not isinstance(guidance_channels, bool):
+        if int(guidance_channels) >= 1:
+            return min(int(guidance_channels), in_channels)
+    raise ValueError(
+        f"{owner}: guidance_channels={guidance_channels!r} is not valid for in_channels={in_channels}; "
+        f'use a positive integer (3 reproduces the official code) or "all" '
+        f"(e.g. model.guidance_channels=all)."
+    )
+
+
+def apply_cfg(
+    out: torch.Tensor,
+    in_channels: int,
+    guidance_channels: int | str,
+    scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """Classifier-free guidance on a model output for a ``[cond; uncond]`` batch.
+
+    ``out`` is (N, C_out, ...) where the first ``N/2`` rows are conditional and the last ``N/2``
+    unconditional. On the first ``g`` channels (``g = resolve_guidance_channels(...)``, i.e. part of
+    the eps prediction) this returns ``uncond + scale * (cond - uncond)`` for both halves; every
+    other channel (remaining eps channels, learned-variance channels) passes through unguided, each
+    half keeping its own value -- exactly the official DiT ``forward_with_cfg``.
+
+    ``scale`` is a float, a 0-d tensor, or a per-sample tensor of shape (N/2,) or (N,); for (N,)
+    the first half (the conditional rows) is used, as in MDT's timestep-dependent schedule.
+    """
+    g = resolve_guidance_channels(guidance_channels, in_channels, owner="apply_cfg")
+    n = out.shape[0]
+    if n % 2:
+        raise ValueError(
+            f"apply_cfg: the batch must be [cond; uncond] halves, but it has an odd size {n}; "
+            "duplicate the inputs and append the null labels before calling it."
+        )
+    half = n // 2
+    if torch.is_tensor(scale) and scale.ndim > 0:
+        s = scale.reshape(-1)
+        if s.shape[0] == n:
+            s = s[:half]
+        elif s.shape[0] != half:
+            raise ValueError(
+                f"apply_cfg: a per-sample cfg scale must have shape ({half},) or ({n},) for a batch of "
+                f"{n}, got {tuple(scale.shape)}."
+            )
+        s = s.to(device=out.device, dtype=out.dtype).reshape(half, *([1] * (out.ndim - 1)))
+    else:
+        s = scale
+    eps, rest = out[:, :g], out[:, g:]
+    cond_eps, uncond_eps = eps[:half], eps[half:]
+    half_eps = uncond_eps + s * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def check_positive_int(owner: str, name: str, value, hint: str = "") -> int:
+    """Return ``value`` as an int, or raise one clear ValueError if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
+        raise ValueError(
+            f"{owner}: {name}={value!r} must be a positive integer"
+            + (f"; {hint}" if hint else f"; set it to a positive integer (e.g. model.{name}=...).")
+        )
+    return int(value)

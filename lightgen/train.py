@@ -1,0 +1,127 @@
+"""Train a method: ``python -m lightgen.train [experiment=...] [group=option ...] [key=value ...]``.
+
+Everything is built from the Hydra config (conf/train.yaml). The run directory is Hydra's; it
+holds config.yaml (resolved), overrides.yaml, checkpoints/ (last.ckpt + periodic), logs and
+samples/. Re-running a command with the same ``hydra.run.dir`` resumes from its last.ckpt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
+from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.instantiate import instantiate_dict, startup_errors
+from lightgen.utils.rng import seed_all
+
+
+def build(cfg: DictConfig):
+    """Build and validate everything a run needs, writing nothing. Raises on bad input."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.max_steps) <= 0:
+        raise LightgenConfigError("trainer.max_steps must be a positive step budget (training is step-based).")
+    seed_all(int(cfg.seed))  # identical initialisation on every rank
+
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "check"):
+        datamodule.check()
+    first_stage = instantiate(cfg.first_stage)
+    net = instantiate(cfg.model)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and cfg.get("auto_resume", True):
+        found = find_resume_checkpoint(out)
+        ckpt_path = str(found) if found else None
+    if ckpt_path is not None:
+        check_checkpoint_matches(load_checkpoint(ckpt_path), net, ckpt_path, resolved.get("model"))
+
+    scheduler = cfg.optim.get("scheduler")
+    method = instantiate(cfg.method, _partial_=True)
+    module = method(
+        net=net,
+        diffusion=instantiate(cfg.diffusion),
+        first_stage=first_stage,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(scheduler) if scheduler else None,
+        seed=int(cfg.seed),
+        config=resolved,
+    )
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return dict(datamodule=datamodule, module=module, trainer=trainer, ckpt_path=ckpt_path, config=resolved)
+
+
+@rank_zero_only
+def write_run_files(cfg: DictConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
+def quiet_known_warnings() -> None:
+    """Silence Lightning messages that do not apply to lightgen's design."""
+    for pattern in (
+        r".*module\(s\) in eval mode.*",  # the EMA copy is in eval mode on purpose
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*does not have many workers.*",  # in-memory datasets need none
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
+
+
+def train(cfg: DictConfig) -> dict:
+    quiet_known_warnings()
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere+/Hopper, as DiT's train.py
+    with startup_errors("lightgen.train"):
+        run = build(cfg)
+    out = Path(cfg.paths.output_dir)
+    write_run_files(cfg, out)
+    trainer = run["trainer"]
+    for logger in trainer.loggers:
+        logger.log_hyperparams(run["config"])
+    if run["ckpt_path"]:
+        rank_zero_only(print)(f"lightgen.train: resuming from {run['ckpt_path']}")
+    trainer.fit(run["module"], datamodule=run["datamodule"], ckpt_path=run["ckpt_path"], weights_only=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics["global_step"] = trainer.global_step
+    _finish_wandb()
+    return metrics
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run so the next job of a multirun starts its own."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("train/loss")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
