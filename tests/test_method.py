@@ -1,0 +1,144 @@
+"""The DiT LightningModule's pieces: EMA, learning (overfit), sampling, schedules, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from lightgen.diffusion import create_diffusion
+from lightgen.first_stage import IdentityFirstStage
+from lightgen.methods import DiffusionModule
+from lightgen.methods.ema import make_ema, update_ema
+from lightgen.methods.schedules import warmup_cosine
+from lightgen.nets.dit import DiT
+from lightgen.utils.checkpoint_io import AtomicCheckpointIO
+from lightgen.utils.checkpoints import find_resume_checkpoint
+
+
+def tiny_net(**kw):
+    args = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=4)
+    return DiT(**{**args, **kw})
+
+
+def test_ema_starts_as_exact_frozen_copy_and_follows_the_dit_formula():
+    net = tiny_net()
+    for p in net.parameters():
+        p.data.normal_()
+    ema = make_ema(net)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), net.parameters()))
+    assert not any(p.requires_grad for p in ema.parameters()) and not ema.training
+    before = {k: v.clone() for k, v in ema.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    update_ema(ema, net, 0.9)
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(dict(ema.named_parameters())[k], 0.9 * before[k] + 0.1 * p, rtol=0, atol=1e-6)
+    # the frozen pos_embed is averaged too (DiT averages every parameter)
+    assert "pos_embed" in dict(ema.named_parameters())
+
+
+def test_tiny_dit_overfits_a_handful_of_images():
+    torch.manual_seed(0)
+    net = tiny_net(class_dropout_prob=0.0)
+    diffusion = create_diffusion("")
+    x0 = torch.rand(8, 1, 16, 16) * 2 - 1
+    y = torch.arange(8) % 4
+    probe_t = torch.linspace(0, 999, 8).long()
+    probe_noise = torch.randn_like(x0)
+
+    def probe():
+        with torch.no_grad():
+            return diffusion.training_losses(net, x0, probe_t, {"y": y}, noise=probe_noise)["mse"].mean().item()
+
+    start = probe()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    for _ in range(200):
+        t = torch.randint(0, 1000, (8,))
+        loss = diffusion.training_losses(net, x0, t, {"y": y})["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = probe()
+    assert start > 0.9  # zero-initialised output: eps-MSE starts at E[eps^2] = 1
+    assert end < 0.5 * start, (start, end)
+
+
+def _module(**kw):
+    net = tiny_net()
+    return DiffusionModule(
+        net=net,
+        diffusion=lambda **k: create_diffusion(**k),
+        first_stage=IdentityFirstStage(channels=1, image_size=16),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_generate_is_deterministic_per_seed_and_shaped_like_the_data(sampler):
+    m = _module()
+    for p in m.ema.parameters():  # a non-trivial net so samples depend on the labels
+        p.data.normal_(0, 0.02)
+    y = torch.tensor([0, 1, 2, 3])
+    a = m.generate(y, cfg_scale=4.0, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    b = m.generate(y, cfg_scale=4.0, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    c = m.generate(y, cfg_scale=4.0, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (4, 1, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    u = m.generate(y, cfg_scale=1.0, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    assert u.shape == a.shape and not torch.equal(u, a)
+
+
+def test_generate_rejects_unknown_sampler():
+    with pytest.raises(ValueError, match="use ddpm or ddim"):
+        _module().generate(torch.tensor([0]), sampler="euler", steps=2)
+
+
+def test_bad_ema_decay_is_refused():
+    with pytest.raises(ValueError, match="ema_decay"):
+        _module(ema_decay=1.0)
+
+
+def test_warmup_cosine_closed_form():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(111):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lrs[110] == pytest.approx(0.1)
+
+
+def test_atomic_checkpoint_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    good = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "no partial file is left behind"
+
+
+def test_find_resume_checkpoint_prefers_the_newest(tmp_path):
+    assert find_resume_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert find_resume_checkpoint(tmp_path) == last
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"y")
+    os.utime(hpc, (time.time() + 10, time.time() + 10))
+    assert find_resume_checkpoint(tmp_path) == hpc
