@@ -1,4 +1,4 @@
-"""Sample from a trained run: ``python -m lightgen.sample ckpt=<file> num_samples=N cfg_scale=S sampling_steps=K out=<dir>``.
+"""Sample from a trained run: ``python -m lightgen.sample ckpt=<file> num_samples=N cfg_scale=S out=<dir>``.
 
 Writes ``grid.png`` and ``samples.npz`` (``arr_0``: uint8 N x H x W x C, ``arr_1``: int64 labels,
 the layout ADM's evaluator reads) with the EMA weights, and ``png/NNNNNN.png`` when ``png=true``.

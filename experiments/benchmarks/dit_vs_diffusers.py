@@ -436,6 +436,14 @@ def main(argv=None) -> dict:
             f"max |diff| forward {info['check']['max_abs_diff_forward']:.2e} "
             f"cfg {info['check']['max_abs_diff_cfg']:.2e}"
         )
+        # Training steps change the weights (and the two models drift apart: their label dropout
+        # draws differ), so every benchmark starts from the same, identical weights.
+        initial = {k: v.detach().clone() for k, v in lg.state_dict().items()}
+
+        def reset_weights(lg=lg, df=df, initial=initial):
+            lg.load_state_dict(initial)
+            df.load_state_dict(dit_to_diffusers_state_dict(initial), strict=True)
+
         models = {
             "lightgen": lg,
             "diffusers": df,
@@ -448,6 +456,7 @@ def main(argv=None) -> dict:
             set_tf32(prec)
             row = {"config": f"DiT-{name}", "precision": prec, **info}
             if "train" not in skip:
+                reset_weights()
                 opts = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-4, weight_decay=0) for k in NAMES}
                 with ForeignCpu() as fc:
                     row["train"] = bench_train(
@@ -472,6 +481,7 @@ def main(argv=None) -> dict:
                     flush=True,
                 )
             if "sample" not in skip:
+                reset_weights()
                 with ForeignCpu() as fc:
                     row["sample"] = bench_sample(
                         models,
@@ -494,7 +504,7 @@ def main(argv=None) -> dict:
                     flush=True,
                 )
             results.append(row)
-        del lg, df, models
+        del lg, df, models, initial, reset_weights
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
