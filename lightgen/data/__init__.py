@@ -1,0 +1,13 @@
+from lightgen.data.base import ArrayImageDataset, ImageArrayDataModule
+from lightgen.data.fashion_mnist import FashionMNISTDataModule
+from lightgen.data.sampler import InfiniteBatchSampler
+from lightgen.data.synthetic import SyntheticDataModule, make_synthetic_images
+
+__all__ = [
+    "ArrayImageDataset",
+    "ImageArrayDataModule",
+    "FashionMNISTDataModule",
+    "InfiniteBatchSampler",
+    "SyntheticDataModule",
+    "make_synthetic_images",
+]

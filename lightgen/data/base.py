@@ -1,0 +1,110 @@
+"""In-memory image DataModules: uint8 arrays in, ``{"image": [-1, 1] floats, "label": long}`` out."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightgen.data.sampler import InfiniteBatchSampler
+
+
+class ArrayImageDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels (N,). Index ``i + N`` is image ``i`` flipped."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.n = len(self.labels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        flip, base = idx >= self.n, idx % self.n
+        images = self.images[base].float().div_(127.5).sub_(1.0)
+        if flip.any():
+            images[flip] = images[flip].flip(-1)
+        return {"image": images, "label": self.labels[base]}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        out = self.__getitems__([index])
+        return {k: v[0] for k, v in out.items()}
+
+
+def _identity_collate(batch):
+    return batch
+
+
+class ImageArrayDataModule(pl.LightningDataModule):
+    """Base for datasets that fit in memory. Subclasses implement ``check()`` and ``load()``.
+
+    ``batch_size`` is the global batch: each of W ranks gets ``batch_size / W``. The train loader
+    is infinite and starts at the trainer's global step, so resuming continues the same stream.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 0,
+        random_flip: bool = False,
+        seed: int = 0,
+        image_size: int = 32,
+        channels: int = 1,
+        num_classes: int = 10,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.seed = seed
+        self.image_size = image_size
+        self.channels = channels
+        self.num_classes = num_classes
+        self.shuffle = shuffle
+        self.dataset: ArrayImageDataset | None = None
+
+    # -- subclasses ------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise LightgenConfigError (one sentence) if the data cannot be found or is wrong."""
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    # -- Lightning -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            images, labels = self.load()
+            self.dataset = ArrayImageDataset(images, labels)
+
+    def train_dataloader(self, start_batch: int | None = None) -> DataLoader:
+        self.setup()
+        rank, world, accumulate = 0, 1, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            accumulate = self.trainer.accumulate_grad_batches
+            if start_batch is None:
+                start_batch = self.trainer.global_step * accumulate
+        sampler = InfiniteBatchSampler(
+            len(self.dataset),
+            self.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=self.seed,
+            start_batch=start_batch or 0,
+            shuffle=self.shuffle,
+            random_flip=self.random_flip,
+        )
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_identity_collate,
+            persistent_workers=self.num_workers > 0,
+            # Own generator: creating the loader never draws from the global RNG, so a resumed
+            # run's noise stream matches an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed + 7919 * rank),
+        )
