@@ -1,0 +1,150 @@
+"""Stage-1 training: a KL autoencoder on image batches (``{"image", "label"}``; labels unused)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightgen.first_stage.losses import KLAutoencoderLoss
+from lightgen.methods.base import CHECKPOINT_KEY, FORMAT_VERSION
+from lightgen.utils.rng import get_rng_state, seed_all, set_rng_state
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Trains ``net`` (a :class:`~lightgen.first_stage.kl.SmallKLAutoencoder`) with a
+    :class:`~lightgen.first_stage.losses.KLAutoencoderLoss`.
+
+    The latent scale factor (1 / std of the unscaled latents) is tracked while training: each step
+    adds the batch's latent mean and mean square (averaged over ranks in the same collective as the
+    logged losses) to an exponential moving average with ``scale_decay``, and the estimate is
+    written into ``net.scale_factor`` every step, so every checkpoint (the last one included) carries
+    the current value, identical on all ranks, without an extra pass over the data. For the exact
+    value of a finished model call ``net.set_scale_factor_from_data(batches)`` (LDM's recipe).
+
+    The argument names match ``lightgen.train``'s ``build`` (``net``, ``optimizer``, ``scheduler``,
+    ``seed``, ``config``); ``first_stage`` and ``diffusion`` are accepted and ignored there.
+    With the GAN on (``loss.disc_weight > 0``) optimisation is manual: one autoencoder step, then one
+    discriminator step per batch (from ``disc_start`` on), both from ``optimizer``; Lightning's
+    ``global_step`` (and so ``trainer.max_steps``) then counts both optimisers' steps.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer,
+        loss: KLAutoencoderLoss | None = None,
+        scheduler=None,
+        seed: int = 0,
+        config: dict | None = None,
+        scale_decay: float = 0.9,
+        first_stage: Any = None,
+        diffusion: Any = None,
+        **unused: Any,
+    ):
+        super().__init__()
+        self.net = net
+        self.loss = loss if loss is not None else KLAutoencoderLoss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.seed = seed
+        self.config = config
+        self.scale_decay = float(scale_decay)
+        self.register_buffer("latent_moments", torch.zeros(3, dtype=torch.float64))  # EMA of 1, E[z], E[z^2]
+        self.register_buffer("ae_steps", torch.zeros((), dtype=torch.long))  # autoencoder updates so far
+        self.automatic_optimization = not self.loss.uses_gan
+        self._resume_rng: list | None = None
+        self._resume_world_size: int | None = None
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
+        optimizers = [opt]
+        if self.loss.uses_gan:
+            optimizers.append(self.optimizer_factory(params=list(self.loss.discriminator.parameters())))
+        if self.scheduler_factory is None:
+            return optimizers if len(optimizers) > 1 else opt
+        schedulers = [{"scheduler": self.scheduler_factory(o), "interval": "step"} for o in optimizers]
+        return optimizers, schedulers
+
+    def training_step(self, batch, batch_idx):
+        images = batch["image"]
+        reconstruction, posterior = self.net(images)
+        # With the GAN, Lightning's global_step counts both optimisers' steps: count AE updates here.
+        step = int(self.ae_steps)
+        self.ae_steps += 1
+        loss, logs = self.loss.generator_loss(
+            images, reconstruction, posterior, step=step, last_layer=self.net.last_layer
+        )
+        if self.loss.uses_gan:
+            opt_g, opt_d = self.optimizers()
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt_g.step()
+            if self.loss.gan_active(step):
+                d_loss, d_logs = self.loss.discriminator_loss(images, reconstruction)
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_loss)
+                opt_d.step()
+                logs.update(d_logs)
+            for sch in self.lr_schedulers() or []:
+                sch.step()
+        z = posterior.sample() if getattr(self.net, "sample", True) else posterior.mean
+        moments = {"z_mean": z.detach().float().mean(), "z_sq": z.detach().float().square().mean()}
+        reduced = self._log_and_reduce({**{f"train/{k}": v for k, v in logs.items()}, **moments}, len(images))
+        self._update_scale_factor(reduced["z_mean"], reduced["z_sq"])
+        return None if self.loss.uses_gan else loss
+
+    def _log_and_reduce(self, values: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+        """Average scalars over all ranks with one collective; log the ``train/*`` ones."""
+        names = list(values)
+        stacked = torch.stack([values[k].detach().float() for k in names])
+        if self._trainer is not None:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        out = dict(zip(names, stacked))
+        for k, v in out.items():
+            if k.startswith("train/"):
+                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=batch_size)
+        return out
+
+    @torch.no_grad()
+    def _update_scale_factor(self, z_mean: torch.Tensor, z_sq: torch.Tensor) -> None:
+        new = torch.stack([torch.ones_like(z_mean), z_mean, z_sq]).double()
+        m = self.latent_moments
+        m.mul_(self.scale_decay).add_((1 - self.scale_decay) * new)
+        weight, mean, sq = m[0], m[1] / m[0], m[2] / m[0]
+        var = (sq - mean.square()).clamp_min(1e-12)
+        if weight > 0:
+            self.net.scale_factor.fill_(float(var.rsqrt()))
+
+    # -- RNG and checkpoints (as GenerativeModule) -----------------------------------------
+    def on_train_start(self) -> None:
+        rank, world = self.global_rank, self.trainer.world_size
+        if self._resume_rng is not None and self._resume_world_size == world:
+            set_rng_state(self._resume_rng[rank])
+        else:
+            seed_all(self.seed * world + rank + 1_000_003 * self.global_step)
+        self._resume_rng = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = get_rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config,
+            "rng_states": states,
+            "net_class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
+            "scale_factor": float(self.net.scale_factor),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
+        if states:
+            self._resume_rng = states
+            self._resume_world_size = len(states)
