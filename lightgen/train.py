@@ -32,6 +32,8 @@ def build(cfg: DictConfig):
     seed_all(int(cfg.seed))  # identical initialisation on every rank
 
     datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "expected_first_stage"):  # latents: compare the full first-stage settings
+        datamodule.expected_first_stage = OmegaConf.to_container(cfg.first_stage, resolve=True)
     if hasattr(datamodule, "check"):
         datamodule.check()
     first_stage = instantiate(cfg.first_stage)

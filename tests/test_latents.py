@@ -44,10 +44,13 @@ def images():
 def extract(dataset, out, first_stage=None, **kw):
     kw.setdefault("shard_size", 16)
     kw.setdefault("batch_size", 8)
-    fs = first_stage or IdentityFirstStage(1, 32)
-    cls = type(fs)
+    kw.setdefault("num_classes", 10)
+    if first_stage is None:
+        first_stage = IdentityFirstStage(1, 32)
+        kw.setdefault("first_stage_config", {"_target_": IDENTITY, "channels": 1, "image_size": 32})
+    cls = type(first_stage)
     kw.setdefault("first_stage_config", {"_target_": f"{cls.__module__}.{cls.__qualname__}"})
-    return extract_rank(dataset, fs, out, **kw)
+    return extract_rank(dataset, first_stage, out, **kw)
 
 
 def all_latents(dm: LatentDataModule):

@@ -19,6 +19,7 @@ final name, and a file without a manifest entry is never trusted.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -151,6 +152,15 @@ def first_stage_target(spec: Any) -> str | None:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _locate(path: str):
+    """The object a dotted path names (re-exports included), or None when it cannot be imported."""
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None) if module else None
+    except Exception:  # noqa: BLE001 - any import failure just means "cannot tell"
+        return None
+
+
 _LOCAL_KEYS = re.compile(r"dir|path|cache|device|dtype|local|root|file", re.IGNORECASE)
 
 
@@ -165,7 +175,7 @@ def first_stage_difference(stored: Mapping, expected: Any) -> str | None:
     if want is None:
         return None
     names = {stored.get("target"), stored.get("class")} - {None}
-    if want not in names:
+    if want not in names and (_locate(want) is None or _locate(want) not in {_locate(n) for n in names}):
         return f"first stage {stored.get('target') or stored.get('class')}, but this run uses {want}"
     if isinstance(expected, Mapping):
         config = stored.get("config") or {}
