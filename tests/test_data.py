@@ -128,3 +128,39 @@ def test_synthetic_data_is_deterministic_and_class_structured():
     assert ((imgs[same[0]] > 200) == (imgs[same[1]] > 200)).all()
     other = next(i for i in range(40) if labels[i] != labels[0])
     assert not ((imgs[0] > 200) == (imgs[other] > 200)).all()
+
+
+def test_center_crop_arr_matches_adm_recipe():
+    from PIL import Image
+
+    from lightgen.data.imagenet import center_crop_arr
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 700, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 64)  # 300 >= 128 -> BOX halve to 150x350 -> 150 >= 128 -> 75x175 -> bicubic
+    assert out.shape == (64, 64, 3)
+    small = img.resize((350, 150), Image.BOX).resize((175, 75), Image.BOX)
+    expected = np.array(small.resize((round(175 * 64 / 75), 64), Image.BICUBIC))
+    left = (expected.shape[1] - 64) // 2
+    np.testing.assert_array_equal(out, expected[:, left : left + 64])
+
+
+def test_image_folder_datamodule_reads_a_class_tree(tmp_path):
+    from PIL import Image
+
+    from lightgen.data.imagenet import ImageFolderDataModule
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    dm = ImageFolderDataModule(root=str(tmp_path), batch_size=4, image_size=16, num_classes=2, num_workers=0)
+    dm.check()
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].abs().max() <= 1
+    assert dm.class_names == ["cat", "dog"] and set(batch["label"].tolist()) <= {0, 1}
+    with pytest.raises(LightgenConfigError, match="data.num_classes=2"):
+        ImageFolderDataModule(root=str(tmp_path), batch_size=4, image_size=16, num_classes=5).check()
+    with pytest.raises(LightgenConfigError, match="does not exist"):
+        ImageFolderDataModule(root=str(tmp_path / "nope"), batch_size=4).check()

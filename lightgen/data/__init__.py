@@ -1,5 +1,6 @@
 from lightgen.data.base import ArrayImageDataset, ImageArrayDataModule
 from lightgen.data.fashion_mnist import FashionMNISTDataModule
+from lightgen.data.imagenet import ImageFolderDataModule, center_crop_arr
 from lightgen.data.latents import LatentDataModule, LatentShardDataset
 from lightgen.data.sampler import InfiniteBatchSampler
 from lightgen.data.synthetic import SyntheticDataModule, make_synthetic_images
@@ -8,6 +9,8 @@ __all__ = [
     "ArrayImageDataset",
     "ImageArrayDataModule",
     "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "center_crop_arr",
     "InfiniteBatchSampler",
     "LatentDataModule",
     "LatentShardDataset",
