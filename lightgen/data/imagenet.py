@@ -41,7 +41,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
         labels += [c] * len(found)
     if not files:
         raise LightgenConfigError(
-            f"no images under {root}: expected one sub-folder per class holding {', '.join(IMAGE_EXTENSIONS[:5])} files."
+            f"no images under {root}: expected one sub-folder per class holding image files (.jpg, .png, ...)."
         )
     return files, np.asarray(labels, dtype=np.int64), classes
 
