@@ -7,6 +7,7 @@ samples/. Re-running a command with the same ``hydra.run.dir`` resumes from its 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -37,7 +38,7 @@ def build(cfg: DictConfig):
     if hasattr(datamodule, "check"):
         datamodule.check()
     first_stage = instantiate(cfg.first_stage)
-    net = instantiate(cfg.model)
+    net = instantiate(cfg.model) if cfg.get("model") else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     ckpt_path = cfg.get("ckpt_path")
@@ -48,20 +49,41 @@ def build(cfg: DictConfig):
         check_checkpoint_matches(load_checkpoint(ckpt_path), net, ckpt_path, resolved.get("model"))
 
     scheduler = cfg.optim.get("scheduler")
-    method = instantiate(cfg.method, _partial_=True)
-    module = method(
+    parts = dict(
         net=net,
-        diffusion=instantiate(cfg.diffusion),
+        diffusion=instantiate(cfg.diffusion) if cfg.get("diffusion") else None,
         first_stage=first_stage,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
         seed=int(cfg.seed),
         config=resolved,
     )
+    module = compose_method(cfg.method, parts)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return dict(datamodule=datamodule, module=module, trainer=trainer, ckpt_path=ckpt_path, config=resolved)
+
+
+def compose_method(method_cfg: DictConfig, parts: dict):
+    """Build the LightningModule from its config and the parts it asks for by name.
+
+    A diffusion method takes net, diffusion, first_stage, optimizer...; a stage-1 autoencoder method
+    takes first_stage and optimizer only. Parts a method does not accept are not passed; a part it
+    requires that the config does not provide fails with one sentence.
+    """
+    method = instantiate(method_cfg, _partial_=True)
+    params = inspect.signature(method.func).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in parts.items() if takes_all or k in params}
+    for name, p in params.items():
+        if p.default is inspect.Parameter.empty and name not in method.keywords and kwargs.get(name) is None:
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                raise LightgenConfigError(
+                    f"method {method_cfg._target_} needs `{name}`, which this config does not provide; "
+                    f"select one (e.g. {name.replace('net', 'model')}=...)."
+                )
+    return method(**kwargs)
 
 
 @rank_zero_only

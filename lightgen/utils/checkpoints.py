@@ -41,6 +41,8 @@ def _describe(model_cfg: dict | None) -> str:
 
 def check_checkpoint_matches(ckpt: dict, net: nn.Module, path: str | Path, model_cfg: dict | None = None) -> None:
     """Fail with one sentence when a checkpoint holds another architecture than ``net``."""
+    if net is None:  # a method without a generator network (stage-1 autoencoders): Lightning checks keys
+        return
     if "state_dict" not in ckpt:
         raise LightgenConfigError(
             f"{path} is not a lightgen training checkpoint (no 'state_dict'); official weights are imported "
