@@ -10,6 +10,7 @@ from torch import nn
 
 from lightgen.first_stage.losses import KLAutoencoderLoss
 from lightgen.methods.base import CHECKPOINT_KEY, FORMAT_VERSION
+from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.rng import get_rng_state, seed_all, set_rng_state
 
 
@@ -24,8 +25,9 @@ class AutoencoderModule(pl.LightningModule):
     the current value, identical on all ranks, without an extra pass over the data. For the exact
     value of a finished model call ``net.set_scale_factor_from_data(batches)`` (LDM's recipe).
 
-    The argument names match ``lightgen.train``'s ``build`` (``net``, ``optimizer``, ``scheduler``,
-    ``seed``, ``config``); ``first_stage`` and ``diffusion`` are accepted and ignored there.
+    ``first_stage`` is the autoencoder being trained (``first_stage=small_kl``); it is held as ``self.net``
+    so checkpoint keys read ``net.*``. The other parts ``lightgen.train`` offers (``net``, ``diffusion``)
+    are accepted and ignored.
     With the GAN on (``loss.disc_weight > 0``) optimisation is manual: one autoencoder step, then one
     discriminator step per batch (from ``disc_start`` on), both from ``optimizer``; Lightning's
     ``global_step`` (and so ``trainer.max_steps``) then counts both optimisers' steps.
@@ -33,19 +35,24 @@ class AutoencoderModule(pl.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        first_stage: nn.Module,
         optimizer,
         loss: KLAutoencoderLoss | None = None,
         scheduler=None,
         seed: int = 0,
         config: dict | None = None,
         scale_decay: float = 0.9,
-        first_stage: Any = None,
-        diffusion: Any = None,
         **unused: Any,
     ):
         super().__init__()
-        self.net = net
+        if not hasattr(first_stage, "set_scale_factor_from_data") or not any(
+            p.requires_grad for p in first_stage.parameters()
+        ):
+            raise LightgenConfigError(
+                f"stage-1 training needs a trainable autoencoder as first_stage, not {type(first_stage).__name__}; "
+                f"select first_stage=small_kl."
+            )
+        self.net = first_stage  # the network being trained: checkpoint keys "net.*" (as GenerativeModule)
         self.loss = loss if loss is not None else KLAutoencoderLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
