@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lightgen-installed
 RUN    ?= runs/quickstart/demo
 
-.PHONY: help install data demo test test-fast lint format clean clean-all smoke
+.PHONY: help install data demo demo-latent test test-fast lint format clean clean-all smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,6 +36,15 @@ data:  ## get Fashion-MNIST (Debian package, else the .deb unpacked into data/, 
 demo: install data  ## train the quickstart DiT on Fashion-MNIST (~10 min on 2 CPU cores) and write its sample grid
 	$(BIN)/python -m lightgen.train experiment=quickstart hydra.run.dir=$(RUN)
 	@echo "sample grid: $$(ls -t $(RUN)/samples/*.png | head -1)"
+
+LATENT ?= runs/quickstart_latent
+demo-latent: install data  ## latent quickstart: small KL autoencoder -> extracted latents -> DiT on latents
+	$(BIN)/python -m lightgen.train experiment=vae_fashion hydra.run.dir=$(LATENT)/vae
+	$(BIN)/python -m lightgen.extract data=fashion_mnist first_stage=small_kl \
+		first_stage.checkpoint=$(LATENT)/vae/checkpoints/last.ckpt out=$(LATENT)/latents batch_size=256
+	$(BIN)/python -m lightgen.train experiment=quickstart_latent hydra.run.dir=$(LATENT)/dit \
+		first_stage.checkpoint=$(LATENT)/vae/checkpoints/last.ckpt data.path=$(LATENT)/latents
+	@echo "sample grid: $$(ls -t $(LATENT)/dit/samples/*.png | head -1)"
 
 test: install  ## run the whole test suite (CPU, offline)
 	-@$(MAKE) --no-print-directory data
