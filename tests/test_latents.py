@@ -317,3 +317,24 @@ def test_extract_cli_writes_resumes_refuses_and_trains(tmp_path):
         f"hydra.run.dir={tmp_path}/train",
     )
     assert (tmp_path / "train" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_on_latents(tmp_path):
+    """trainer=ddp_cpu (2 gloo processes) streams the memory-mapped shards (rank split: test above)."""
+    import torch
+
+    out = tmp_path / "lat"
+    run_cli("extract", "data=synthetic", "first_stage=identity", f"out={out}", f"hydra.run.dir={tmp_path}/ex")
+    run_cli(
+        "train",
+        "experiment=smoke",
+        "trainer=ddp_cpu",
+        "data=latents",
+        f"data.path={out}",
+        "data.batch_size=8",
+        f"hydra.run.dir={tmp_path}/train",
+        timeout=900,
+    )
+    ckpt = torch.load(tmp_path / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and len(ckpt["lightgen"]["rng_states"]) == 2
