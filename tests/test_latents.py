@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,9 +279,8 @@ def test_damaged_shard_is_named(images, tmp_path, damage):
         LatentDataModule(str(out), batch_size=8).check()  # sizes alone cannot see it; check_hashes=False is the default
 
 
-def test_litdata_backend_says_how_to_get_it(tmp_path):
-    if _has_litdata():
-        pytest.skip("litdata is installed")
+def test_litdata_backend_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "litdata", None)  # as if litdata were not installed
     with pytest.raises(LightgenConfigError, match="pip install litdata") as err:
         LatentDataModule(str(tmp_path), batch_size=8, backend="litdata").check()
     one_sentence(err)

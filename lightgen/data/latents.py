@@ -113,7 +113,11 @@ class LatentDataModule(ImageArrayDataModule):
             another one is refused (one sentence) in ``check()``/``setup()``.
         expected_shape: ``(C, H, W)`` the run's network expects.
         check_hashes: also verify every shard's SHA-256 at start-up (reads the whole directory once).
-        backend: ``memmap`` (default); ``litdata`` is reserved (needs ``pip install litdata``).
+        backend: ``memmap`` (default) or ``litdata`` (needs ``pip install litdata``): the shards are
+            converted once into ``litdata_dir`` (default ``<path>/litdata``) and streamed with a
+            ``StreamingDataLoader``, whose state Lightning saves in checkpoints (see
+            ``lightgen.data.litdata_backend``).
+        litdata_dir: where the litdata backend writes its converted copy.
         image_size, channels: of the source images (for configs that interpolate them); unused here.
         num_classes: checked against the manifest when given.
     """
@@ -133,6 +137,7 @@ class LatentDataModule(ImageArrayDataModule):
         num_classes: int | None = None,
         image_size: int | None = None,
         channels: int | None = None,
+        litdata_dir: str | None = None,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -153,20 +158,20 @@ class LatentDataModule(ImageArrayDataModule):
         self.check_hashes = check_hashes
         self.manifest: dict[str, Any] | None = None
         self.dataset: LatentShardDataset | None = None
+        self.litdata_dir = str(litdata_dir) if litdata_dir else str(Path(self.path) / "litdata")
+        self.stream = None  # litdata backend: the StreamingDataset built in setup()
 
     # -- validation --------------------------------------------------------------------------
     def check(self) -> None:
         """Verify the directory against the run (manifest, first stage, shape, shard files[, checksums])."""
         if self.backend == "litdata":
+            os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
             try:
                 import litdata  # noqa: F401
             except ImportError:
                 raise LightgenConfigError(
                     "data.backend=litdata needs the litdata package; `pip install litdata` or use data.backend=memmap."
                 ) from None
-            raise LightgenConfigError(
-                "data.backend=litdata is not implemented yet for lightgen latent shards; use data.backend=memmap."
-            )
         if self.manifest is None:
             manifest = verify(self.path, self.expected_first_stage, self.expected_shape, self.check_hashes)
             stored = manifest.get("num_classes")
@@ -193,7 +198,42 @@ class LatentDataModule(ImageArrayDataModule):
         return float(self.manifest.get("scale_factor", 1.0))
 
     # -- Lightning -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """litdata backend: convert the shards (once per node, before ``setup()`` on every rank)."""
+        if self.backend == "litdata":
+            self._convert()
+
+    def _convert(self) -> bool:
+        from lightgen.data import litdata_backend
+
+        self.check()
+        return litdata_backend.convert(self.path, self.manifest, self.litdata_dir, num_workers=1)
+
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
     def setup(self, stage: str | None = None) -> None:
+        if self.backend == "litdata":
+            if self.stream is None:
+                from lightgen.data import litdata_backend
+
+                self._convert()  # a no-op when prepare_data() did it
+                if self.num_classes is None:
+                    stored = self.manifest.get("num_classes")
+                    self.num_classes = (
+                        int(stored)
+                        if stored is not None
+                        else int(
+                            max(np.load(Path(self.path) / e["labels_file"]).max() for e in self.manifest["shards"])
+                        )
+                        + 1
+                    )
+                self.stream = litdata_backend.make_dataset(
+                    self.litdata_dir, self.seed, self.random_flip, bool(self.manifest["flips"]), shuffle=self.shuffle
+                )
+            return
         if self.dataset is None:
             self.check()
             self.dataset = LatentShardDataset(self.path, self.manifest)
@@ -204,8 +244,15 @@ class LatentDataModule(ImageArrayDataModule):
     def train_dataloader(
         self, start_batch: int | None = None, rank: int | None = None, world_size: int | None = None
     ) -> DataLoader:
-        """As the image DataModules' loader; ``rank``/``world_size`` override the trainer's (tests, tools)."""
+        """As the image DataModules' loader; ``rank``/``world_size`` override the trainer's (tests, tools).
+
+        With ``backend=litdata`` it returns the ``StreamingDataLoader`` itself (one epoch per
+        iteration, local batch ``batch_size // world``), so Lightning stores its ``state_dict`` in
+        checkpoints and restores it on resume; ``start_batch`` is then ignored.
+        """
         self.setup()
+        if self.backend == "litdata":
+            return self._litdata_loader(rank, world_size)
         r, world, accumulate = 0, 1, 1
         if self.trainer is not None:
             r, world = self.trainer.global_rank, self.trainer.world_size
@@ -232,3 +279,27 @@ class LatentDataModule(ImageArrayDataModule):
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed + 7919 * r),
         )
+
+    def _litdata_loader(self, rank: int | None, world_size: int | None):
+        from lightgen.data import litdata_backend
+
+        r, world = self._world()
+        stream = self.stream
+        if rank is not None or world_size is not None:
+            r = r if rank is None else rank
+            world = world if world_size is None else world_size
+            stream = litdata_backend.make_dataset(
+                self.litdata_dir,
+                self.seed,
+                self.random_flip,
+                bool(self.manifest["flips"]),
+                shuffle=self.shuffle,
+                rank=r,
+                world_size=world,
+            )
+        if self.batch_size % world:
+            raise LightgenConfigError(
+                f"data.batch_size={self.batch_size} is the global batch and must be divisible by the "
+                f"{world} processes; pick a multiple of {world}."
+            )
+        return litdata_backend.make_loader(stream, self.batch_size // world, self.num_workers)
