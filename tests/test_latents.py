@@ -286,14 +286,6 @@ def test_litdata_backend_says_how_to_get_it(tmp_path, monkeypatch):
     one_sentence(err)
 
 
-def _has_litdata() -> bool:
-    try:
-        import litdata  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # -- CLI ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_extract_cli_writes_resumes_refuses_and_trains(tmp_path):

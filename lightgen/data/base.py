@@ -80,18 +80,26 @@ class ImageArrayDataModule(pl.LightningDataModule):
             images, labels = self.load()
             self.dataset = ArrayImageDataset(images, labels)
 
-    def train_dataloader(self, start_batch: int | None = None) -> DataLoader:
+    def train_dataloader(
+        self, start_batch: int | None = None, rank: int | None = None, world_size: int | None = None
+    ) -> DataLoader:
+        """The infinite training stream of this rank, starting at the trainer's global step.
+
+        ``rank``/``world_size``/``start_batch`` default to the trainer's (tests pass them explicitly).
+        """
         self.setup()
-        rank, world, accumulate = 0, 1, 1
+        r, world, accumulate = 0, 1, 1
         if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+            r, world = self.trainer.global_rank, self.trainer.world_size
             accumulate = self.trainer.accumulate_grad_batches
             if start_batch is None:
                 start_batch = self.trainer.global_step * accumulate
+        r = r if rank is None else rank
+        world = world if world_size is None else world_size
         sampler = InfiniteBatchSampler(
             len(self.dataset),
             self.batch_size,
-            rank=rank,
+            rank=r,
             world_size=world,
             seed=self.seed,
             start_batch=start_batch or 0,
@@ -106,5 +114,5 @@ class ImageArrayDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             # Own generator: creating the loader never draws from the global RNG, so a resumed
             # run's noise stream matches an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.seed + 7919 * rank),
+            generator=torch.Generator().manual_seed(self.seed + 7919 * r),
         )

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightgen.data.base import ImageArrayDataModule, _identity_collate
-from lightgen.data.sampler import InfiniteBatchSampler
+from lightgen.data.base import ImageArrayDataModule
 from lightgen.data.shards import shard_shape, verify
 from lightgen.utils.errors import LightgenConfigError
 
@@ -253,32 +252,7 @@ class LatentDataModule(ImageArrayDataModule):
         self.setup()
         if self.backend == "litdata":
             return self._litdata_loader(rank, world_size)
-        r, world, accumulate = 0, 1, 1
-        if self.trainer is not None:
-            r, world = self.trainer.global_rank, self.trainer.world_size
-            accumulate = self.trainer.accumulate_grad_batches
-            if start_batch is None:
-                start_batch = self.trainer.global_step * accumulate
-        r = r if rank is None else rank
-        world = world if world_size is None else world_size
-        sampler = InfiniteBatchSampler(
-            len(self.dataset),
-            self.batch_size,
-            rank=r,
-            world_size=world,
-            seed=self.seed,
-            start_batch=start_batch or 0,
-            shuffle=self.shuffle,
-            random_flip=self.random_flip,
-        )
-        return DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=_identity_collate,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed + 7919 * r),
-        )
+        return super().train_dataloader(start_batch, rank, world_size)
 
     def _litdata_loader(self, rank: int | None, world_size: int | None):
         from lightgen.data import litdata_backend

@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from lightgen.first_stage.losses import KLAutoencoderLoss
-from lightgen.methods.base import CHECKPOINT_KEY, FORMAT_VERSION
+from lightgen.methods.base import RunState
 from lightgen.utils.errors import LightgenConfigError
-from lightgen.utils.rng import get_rng_state, seed_all, set_rng_state
 
 
-class AutoencoderModule(pl.LightningModule):
+class AutoencoderModule(RunState, pl.LightningModule):
     """Trains ``net`` (a :class:`~lightgen.first_stage.kl.SmallKLAutoencoder`) with a
     :class:`~lightgen.first_stage.losses.KLAutoencoderLoss`.
 
@@ -62,8 +61,6 @@ class AutoencoderModule(pl.LightningModule):
         self.register_buffer("latent_moments", torch.zeros(3, dtype=torch.float64))  # EMA of 1, E[z], E[z^2]
         self.register_buffer("ae_steps", torch.zeros((), dtype=torch.long))  # autoencoder updates so far
         self.automatic_optimization = not self.loss.uses_gan
-        self._resume_rng: list | None = None
-        self._resume_world_size: int | None = None
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
@@ -126,32 +123,5 @@ class AutoencoderModule(pl.LightningModule):
         if weight > 0:
             self.net.scale_factor.fill_(float(var.rsqrt()))
 
-    # -- RNG and checkpoints (as GenerativeModule) -----------------------------------------
-    def on_train_start(self) -> None:
-        rank, world = self.global_rank, self.trainer.world_size
-        if self._resume_rng is not None and self._resume_world_size == world:
-            set_rng_state(self._resume_rng[rank])
-        else:
-            seed_all(self.seed * world + rank + 1_000_003 * self.global_step)
-        self._resume_rng = None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = get_rng_state()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            states: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, state)
-        else:
-            states = [state]
-        checkpoint[CHECKPOINT_KEY] = {
-            "format_version": FORMAT_VERSION,
-            "config": self.config,
-            "rng_states": states,
-            "net_class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
-            "scale_factor": float(self.net.scale_factor),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
-        if states:
-            self._resume_rng = states
-            self._resume_world_size = len(states)
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"scale_factor": float(self.net.scale_factor)}

@@ -16,7 +16,59 @@ CHECKPOINT_KEY = "lightgen"
 FORMAT_VERSION = 1
 
 
-class GenerativeModule(pl.LightningModule):
+class RunState:
+    """Per-rank RNG streams and the lightgen extras every checkpoint carries (mixed into LightningModules).
+
+    Needs ``self.seed``, ``self.config`` and ``self.net``; ``checkpoint_extras()`` adds method-specific
+    entries. A fresh run seeds rank ``r`` of ``W`` with ``seed * W + r``; a resumed one restores every
+    rank's saved RNG state at the start of training, so it continues the uninterrupted trajectory.
+    """
+
+    _resume_rng: list | None = None
+    _resume_world_size: int | None = None
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {}
+
+    # -- RNG and checkpoints ----------------------------------------------------------------
+    def on_train_start(self) -> None:
+        rank, world = self.global_rank, self.trainer.world_size
+        if self._resume_rng is not None and self._resume_world_size == world:
+            set_rng_state(self._resume_rng[rank])
+        else:
+            if self._resume_rng is not None:
+                warnings.warn(
+                    f"resuming with {world} processes from a checkpoint written by {self._resume_world_size}: "
+                    "the noise stream is re-seeded, so the run will not be bit-identical to an uninterrupted one.",
+                    stacklevel=1,
+                )
+            seed_all(self.seed * world + rank + 1_000_003 * self.global_step)
+        self._resume_rng = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = get_rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config,
+            "rng_states": states,
+            "net_class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
+            **self.checkpoint_extras(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CHECKPOINT_KEY, {})
+        states = extra.get("rng_states")
+        if states:
+            self._resume_rng = states
+            self._resume_world_size = len(states)
+
+
+class GenerativeModule(RunState, pl.LightningModule):
     """Base LightningModule.
 
     Args:
@@ -51,8 +103,6 @@ class GenerativeModule(pl.LightningModule):
         self.ema_decay = ema_decay
         self.seed = seed
         self.config = config
-        self._resume_rng: list | None = None
-        self._resume_world_size: int | None = None
 
     # -- data -----------------------------------------------------------------------------
     def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -88,39 +138,3 @@ class GenerativeModule(pl.LightningModule):
         stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean") if self._trainer else stacked
         for i, k in enumerate(names):
             self.log(k, stacked[i], on_step=True, on_epoch=False, prog_bar=k in prog_bar, batch_size=batch_size)
-
-    # -- RNG and checkpoints ----------------------------------------------------------------
-    def on_train_start(self) -> None:
-        rank, world = self.global_rank, self.trainer.world_size
-        if self._resume_rng is not None and self._resume_world_size == world:
-            set_rng_state(self._resume_rng[rank])
-        else:
-            if self._resume_rng is not None:
-                warnings.warn(
-                    f"resuming with {world} processes from a checkpoint written by {self._resume_world_size}: "
-                    "the noise stream is re-seeded, so the run will not be bit-identical to an uninterrupted one.",
-                    stacklevel=1,
-                )
-            seed_all(self.seed * world + rank + 1_000_003 * self.global_step)
-        self._resume_rng = None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = get_rng_state()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            states: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, state)
-        else:
-            states = [state]
-        checkpoint[CHECKPOINT_KEY] = {
-            "format_version": FORMAT_VERSION,
-            "config": self.config,
-            "rng_states": states,
-            "net_class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra = checkpoint.get(CHECKPOINT_KEY, {})
-        states = extra.get("rng_states")
-        if states:
-            self._resume_rng = states
-            self._resume_world_size = len(states)
