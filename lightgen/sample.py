@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import hydra
@@ -23,6 +22,7 @@ from lightgen.utils.checkpoints import load_checkpoint
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.images import save_grid, to_uint8
 from lightgen.utils.instantiate import startup_errors
+from lightgen.utils.io import atomic_write
 
 
 def module_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -110,9 +110,7 @@ def sample(cfg: DictConfig) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(images).numpy()
-    tmp = out / "samples.tmp.npz"
-    np.savez(tmp, arr_0=arr, arr_1=labels.numpy().astype(np.int64))
-    os.replace(tmp, out / "samples.npz")
+    atomic_write(out / "samples.npz", lambda f: np.savez(f, arr_0=arr, arr_1=labels.numpy().astype(np.int64)))
     save_grid(images[: int(cfg.grid_max)], out / "grid.png", nrow=nrow)
     if cfg.png:
         (out / "png").mkdir(exist_ok=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
+
+from lightgen.utils.io import atomic_write
 
 
 class StepCheckpoint(pl.Callback):
@@ -42,9 +43,8 @@ class StepCheckpoint(pl.Callback):
         target = self.dirpath / f"step_{step:07d}.ckpt" if periodic and self.keep_periodic else self.last_path
         trainer.save_checkpoint(target)
         if target != self.last_path and trainer.is_global_zero:
-            tmp = self.last_path.with_name("last.ckpt.tmp")
-            shutil.copyfile(target, tmp)
-            os.replace(tmp, self.last_path)
+            with open(target, "rb") as src:
+                atomic_write(self.last_path, lambda f: shutil.copyfileobj(src, f))
         trainer.strategy.barrier("lightgen.StepCheckpoint")
         self._last_saved_step = step
 

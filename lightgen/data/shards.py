@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.io import atomic_write
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -68,41 +67,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a unique temporary file next to ``path``, fsync, rename over ``path``."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def write_npy_atomic(path: str | Path, array: np.ndarray) -> None:
-    _atomic_write(Path(path), lambda f: np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False))
+    atomic_write(Path(path), lambda f: np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:

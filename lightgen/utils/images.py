@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from lightgen.utils.io import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -34,9 +35,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, upscale: int = 
     img = Image.fromarray(make_grid_array(images, nrow))
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
     return path
 
 
