@@ -98,31 +98,28 @@ def test_ddp_cpu_two_processes(tmp_path):
     assert any(r.get("train/loss") for r in rows)
 
 
-def test_sample_cli_writes_grid_and_adm_npz(smoke_run, tmp_path):
-    out = tmp_path / "samples"
-    run_cli(
+def _sample(smoke_run, out, *extra):
+    return run_cli(
         "sample",
         f"ckpt={smoke_run / 'checkpoints' / 'last.ckpt'}",
         "num_samples=20",
         "cfg_scale=4.0",
         "sampling_steps=3",
         f"out={out}",
-        "png=true",
+        *extra,
     )
+
+
+def test_sample_cli_writes_grid_and_adm_npz(smoke_run, tmp_path):
+    out = tmp_path / "samples"
+    _sample(smoke_run, out, "png=true")
     data = np.load(out / "samples.npz")
     assert data["arr_0"].shape == (20, 32, 32, 1) and data["arr_0"].dtype == np.uint8
     assert data["arr_1"].tolist() == sorted(data["arr_1"].tolist()) and set(data["arr_1"].tolist()) == set(range(10))
     assert (out / "grid.png").is_file() and len(list((out / "png").glob("*.png"))) == 20
     # same seed -> same samples
     out2 = tmp_path / "samples2"
-    run_cli(
-        "sample",
-        f"ckpt={smoke_run / 'checkpoints' / 'last.ckpt'}",
-        "num_samples=20",
-        "cfg_scale=4.0",
-        "sampling_steps=3",
-        f"out={out2}",
-    )
+    _sample(smoke_run, out2)
     np.testing.assert_array_equal(np.load(out2 / "samples.npz")["arr_0"], data["arr_0"])
 
 
