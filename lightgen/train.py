@@ -52,6 +52,7 @@ def build(cfg: DictConfig):
     parts = dict(
         net=net,
         diffusion=instantiate(cfg.diffusion) if cfg.get("diffusion") else None,
+        masking=instantiate(cfg.masking) if cfg.get("masking") and cfg.masking.get("_target_") else None,
         first_stage=first_stage,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
@@ -75,7 +76,7 @@ def compose_method(method_cfg: DictConfig, parts: dict):
     method = instantiate(method_cfg, _partial_=True)
     params = inspect.signature(method.func).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in parts.items() if takes_all or k in params}
+    kwargs = {k: v for k, v in parts.items() if k in params or (takes_all and v is not None)}
     for name, p in params.items():
         if p.default is inspect.Parameter.empty and name not in method.keywords and kwargs.get(name) is None:
             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
@@ -105,6 +106,7 @@ def quiet_known_warnings() -> None:
         r".*module\(s\) in eval mode.*",  # the EMA copy is in eval mode on purpose
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*does not have many workers.*",  # in-memory datasets need none
+        r".*predict returned None.*",  # lightgen.sample writes its batches to disk
     ):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)

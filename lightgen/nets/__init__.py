@@ -11,6 +11,7 @@ from .layers import (
     modulate,
     resolve_guidance_channels,
 )
+from .mdt import MDT, MDT_CONFIGS, MDTAttention, MDTBlock, RelativePositionBias
 
 __all__ = [
     "DIT_CONFIGS",
@@ -18,6 +19,11 @@ __all__ = [
     "DiTBlock",
     "FinalLayer",
     "LabelEmbedder",
+    "MDT",
+    "MDT_CONFIGS",
+    "MDTAttention",
+    "MDTBlock",
+    "RelativePositionBias",
     "TimestepEmbedder",
     "apply_cfg",
     "check_positive_int",
