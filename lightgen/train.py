@@ -16,13 +16,16 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lightgen.utils import ddp_launch
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
 from lightgen.utils.errors import LightgenConfigError
-from lightgen.utils.instantiate import instantiate_dict, startup_errors
+from lightgen.utils.instantiate import instantiate_dict, root_cause, startup_errors
 from lightgen.utils.rng import seed_all
+from lightgen.utils.sweep import write_result
 
 
 def build(cfg: DictConfig):
@@ -94,7 +97,7 @@ def write_run_files(cfg: DictConfig, out: Path) -> None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(HydraConfig.get().overrides.task)
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
     except ValueError:
         overrides = []
     (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
@@ -113,6 +116,7 @@ def quiet_known_warnings() -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    ddp_launch.install("lightgen.train")  # DDP children of a -m sweep job rerun that job, not the sweep
     quiet_known_warnings()
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+/Hopper, as DiT's train.py
     with startup_errors("lightgen.train"):
@@ -127,24 +131,62 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(run["module"], datamodule=run["datamodule"], ckpt_path=run["ckpt_path"], weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
+    finished = trainer.state.status == TrainerStatus.FINISHED
+    rank_zero_only(write_result)(
+        out, metrics, world_size=trainer.world_size, status="ok" if finished else str(trainer.state.status.value)
+    )
     _finish_wandb()
     return metrics
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(exit_code: int = 0) -> None:
     """Close the W&B run so the next job of a multirun starts its own."""
     try:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
     except ImportError:
         pass
 
 
+class JobFailed(RuntimeError):
+    """A job of a multirun stopped on bad input; Hydra records it as failed and runs the next job."""
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def run_multirun_job(cfg: DictConfig) -> dict:
+    """One job of a ``-m`` sweep, run in the sweep's process by Hydra's launcher.
+
+    A start-up error stops a single run with one line and exit status 2; in a sweep it must not stop the
+    sweep, so it is raised as :class:`JobFailed` (an Exception: Hydra records the job as failed, runs the
+    others, and the sweep summary lists it). The process is left clean for the next job (DDP children, process
+    group, environment), and the W&B run is closed even after a failure.
+    """
+    with ddp_launch.multirun_job():
+        try:
+            return train(cfg)
+        except BaseException as e:
+            _finish_wandb(exit_code=1)
+            if isinstance(e, SystemExit) and e.code not in (0, None):
+                cause = root_cause(e.__context__) if e.__context__ is not None else None
+                text = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+                raise JobFailed(text or f"start-up failed with exit status {e.code}") from None
+            raise
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    metrics = run_multirun_job(cfg) if _in_multirun() else train(cfg)
     return metrics.get("train/loss")
 
 

@@ -32,14 +32,40 @@ def run_name_from_overrides() -> str | None:
         return None
 
 
-def wandb_logger(offline="auto", name=None, tags=None, **kwargs):
-    """A WandbLogger that runs offline unless W&B is configured, named after the run's overrides."""
+def sweep_group(task_name: str | None = None) -> str | None:
+    """The W&B group of a multirun job: ``<task_name>-<sweep dir name>``, the same for every job of one sweep.
+
+    None outside a multirun (a single run has no group). Hydra resolves the sweep dir once per sweep (the
+    ``${now:}`` in it is cached and copied into every job), so all its jobs agree.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        sweep = Path(str(hc.sweep.dir)).name
+    except Exception:  # not under Hydra
+        return None
+    if not task_name or sweep.startswith(str(task_name)):
+        return sweep
+    return f"{task_name}-{sweep}"
+
+
+def wandb_logger(offline="auto", name=None, group="auto", tags=None, task_name=None, **kwargs):
+    """A WandbLogger that runs offline unless W&B is configured, named after the run's overrides.
+
+    ``group="auto"``: the jobs of one ``-m`` sweep share a group (:func:`sweep_group`); a single run has none.
+    """
     from lightning.pytorch.loggers import WandbLogger
 
     if offline == "auto":
         offline = not wandb_configured()
     name = name or run_name_from_overrides()
-    return WandbLogger(offline=bool(offline), name=name, tags=list(tags or []), **kwargs)
+    if group == "auto":
+        group = sweep_group(task_name)
+    return WandbLogger(offline=bool(offline), name=name, group=group, tags=list(tags or []), **kwargs)
 
 
 def csv_logger(save_dir: str, name: str = "", version: str = "", **kwargs):
