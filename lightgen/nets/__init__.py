@@ -1,5 +1,6 @@
 """Plain ``torch.nn`` networks (no Lightning, Hydra or diffusion logic)."""
 
+from .diffit import DIFFIT_CONFIGS, TMSA, DiffiT, DiffiTBlock, DiffiTFinalLayer, DiffiTResBlock, DiffiTUNet
 from .dit import DIT_CONFIGS, DiT, DiTBlock, FinalLayer, dit_config
 from .layers import (
     LabelEmbedder,
@@ -14,6 +15,13 @@ from .layers import (
 from .mdt import MDT, MDT_CONFIGS, MDTAttention, MDTBlock, RelativePositionBias
 
 __all__ = [
+    "DIFFIT_CONFIGS",
+    "TMSA",
+    "DiffiT",
+    "DiffiTBlock",
+    "DiffiTFinalLayer",
+    "DiffiTResBlock",
+    "DiffiTUNet",
     "DIT_CONFIGS",
     "DiT",
     "DiTBlock",
