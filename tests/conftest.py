@@ -78,3 +78,25 @@ def fake_fashion_mnist(tmp_path: Path) -> Path:
 
 
 SMOKE = ["experiment=smoke", "logger=csv"]
+
+
+def wandb_records(path: Path):
+    """Every record of an offline W&B run's ``.wandb`` file (LevelDB-log framing of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            record = pb.Record()
+            record.ParseFromString(pending + payload)
+            pending = b""
+            yield record
+        elif kind in (2, 3):  # FIRST, MIDDLE
+            pending += payload

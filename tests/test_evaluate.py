@@ -137,3 +137,45 @@ def test_fid_callback_in_a_tiny_training_run(tmp_path):
     assert len(list((tmp_path / "refs").glob("*.npz"))) == 1, "reference statistics computed once and cached"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any("incep" in k.lower() for k in ckpt["state_dict"]), "the Inception net is never checkpointed"
+
+
+@needs_inception
+@pytest.mark.slow
+def test_wandb_and_tensorboard_get_losses_throughput_fid_grids_and_config(tmp_path):
+    """The dashboard keys: config, losses, throughput, the FID curve and sample grids, in W&B and TensorBoard."""
+    from conftest import wandb_records
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "experiment=smoke",
+        "logger=many",
+        f"hydra.run.dir={run}",
+        "callbacks.fid.at_end=true",
+        "callbacks.fid.num_samples=4",
+        "callbacks.fid.batch_size=4",
+        "callbacks.fid.ref_num=4",
+        f"callbacks.fid.cache_dir={tmp_path / 'refs'}",
+        env={"WANDB_MODE": "offline"},
+    )
+    (wandb_file,) = list((run / "wandb").glob("offline-run-*/*.wandb"))
+    history, config, media = set(), set(), set()
+    for record in wandb_records(wandb_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        elif kind == "config":
+            config |= {item.key or "/".join(item.nested_key) for item in record.config.update}
+        elif kind == "files":
+            media |= {f.path for f in record.files.files}
+    expected = {"train/loss", "train/mse", "train/vb", "train/grad_norm", "train/images_per_sec", "val/fid4"}
+    assert expected <= history, expected - history
+    images = {k.split("/_type")[0] for k in history if k.endswith("/_type")}  # W&B image entries: <key>/_type ...
+    assert {"samples/grid", "samples/fid_grid"} <= images, history
+    assert {"model", "optim", "method", "callbacks"} <= config, config
+    assert any("media/images" in p for p in media), media
+    tb = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    tb.Reload()
+    assert expected <= set(tb.Tags()["scalars"]), set(tb.Tags()["scalars"])
+    assert {"samples/grid", "samples/fid_grid"} <= set(tb.Tags()["images"])

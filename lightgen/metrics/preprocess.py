@@ -56,7 +56,11 @@ def to_nchw_uint8(images) -> torch.Tensor:
 
     Channels-last wins when both readings fit (ADM's ``arr_0`` is NHWC). Grayscale is repeated to 3 channels.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if isinstance(images, np.ndarray):
+        images = np.ascontiguousarray(images)
+        x = torch.from_numpy(images if images.flags.writeable else images.copy())  # read-only views (mmap, buffers)
+    else:
+        x = images
     if not isinstance(x, torch.Tensor):
         raise LightgenConfigError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
     if x.dtype != torch.uint8:

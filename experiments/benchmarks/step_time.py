@@ -1,0 +1,161 @@
+"""Training-step time of the transformer families against DiT, same batch, same process, alternating.
+
+Each model is built from its ``conf/model/<name>.yaml`` (ImageNet-256 latent shape: 4x32x32, 1000
+classes, learned sigma) inside lightgen's real ``DiffusionModule``; MDT gets its ``masking`` config,
+so one step is exactly what ``lightgen.train`` runs: ``training_step`` (MDT: full pass + masked
+pass, Min-SNR off/on as configured) + backward + AdamW step + EMA update. Models are timed in turns
+(the order rotates every repetition) so drift hits all equally; reported: median ms per step over
+``--reps`` and the ratio to the first model (DiT).
+
+    .venv/bin/python experiments/benchmarks/step_time.py --models dit_s,mdt_s:v1,mdt_s:v2,diffit_s \
+        --batch 8 --reps 7 --out experiments/benchmarks/step_time_cpu.json
+    # GPU, bf16 autocast, XL/2:
+    python experiments/benchmarks/step_time.py --device cuda --precision bf16 --batch 32 \
+        --models dit_xl,mdt_xl:v2,diffit_xl --out step_time_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lightgen.diffusion import create_diffusion  # noqa: E402
+from lightgen.first_stage.identity import IdentityFirstStage  # noqa: E402
+from lightgen.methods import DiffusionModule  # noqa: E402
+
+
+def build(spec: str, patch_size: int, device: torch.device):
+    """``dit_s`` / ``mdt_s:v1`` / ``diffit_s`` -> (name, DiffusionModule, params)."""
+    name, _, version = spec.partition(":")
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    cfg.pop("defaults", None)
+    cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma = 32, 4, 1000, True
+    if "patch_size" in cfg:
+        cfg.patch_size = patch_size
+    if version:
+        cfg.version = version
+    masking = None
+    if name.startswith("mdt"):
+        if "decode_layer" in cfg and version == "v1":
+            cfg.decode_layer = 2
+        m = OmegaConf.load(ROOT / "conf" / "masking" / ("mdt.yaml" if version == "v1" else "mdt_v2.yaml"))
+        masking = instantiate(m)
+        cfg.mask_ratio = float(m.ratio)
+    net = instantiate(cfg)
+    module = DiffusionModule(
+        net=net,
+        diffusion=lambda timestep_respacing="": create_diffusion(timestep_respacing),
+        first_stage=IdentityFirstStage(channels=4, image_size=32),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0),
+        masking=masking,
+    ).to(device)
+    module.log_mean_across_ranks = lambda *a, **k: None  # no Trainer: logging is not timed
+    module._warn_plain_mdt = False
+    label = f"{name}{'/' + version if version else ''}/{patch_size}"
+    return label, module, sum(p.numel() for p in net.parameters())
+
+
+def step_fn(module: DiffusionModule, batch: dict, precision: str, device: torch.device):
+    opt = module.configure_optimizers()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+
+    def step():
+        with autocast:
+            loss = module.training_step(batch, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        module.ema.to(device)
+        from lightgen.methods.ema import update_ema
+
+        update_ema(module.ema, module.net, module.ema_decay)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="dit_s,mdt_s:v1,mdt_s:v2,diffit_s")
+    ap.add_argument("--patch-size", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    torch.manual_seed(0)
+    batch = {
+        "latent": torch.randn(args.batch, 4, 32, 32, device=device),
+        "label": torch.randint(0, 1000, (args.batch,), device=device),
+    }
+    runs = {}
+    for spec in args.models.split(","):
+        label, module, params = build(spec, args.patch_size, device)
+        runs[label] = {"params": params, "step": step_fn(module, batch, args.precision, device), "times": []}
+        print(f"{label}: {params:,} parameters", flush=True)
+    labels = list(runs)
+    for _ in range(args.warmup):
+        for label in labels:
+            runs[label]["step"]()
+    for rep in range(args.reps):
+        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
+        for label in order:
+            t0 = time.perf_counter()
+            runs[label]["step"]()
+            runs[label]["times"].append((time.perf_counter() - t0) * 1000)
+    base = statistics.median(runs[labels[0]]["times"])
+    rows = []
+    for label in labels:
+        med = statistics.median(runs[label]["times"])
+        rows.append(
+            {
+                "model": label,
+                "params": runs[label]["params"],
+                "median_ms": round(med, 1),
+                "min_ms": round(min(runs[label]["times"]), 1),
+                "max_ms": round(max(runs[label]["times"]), 1),
+                "ratio_to_first": round(med / base, 3),
+            }
+        )
+        print(f"{label:>16}: {med:8.1f} ms/step (x{med / base:.2f})", flush=True)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "rows": rows,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
