@@ -650,3 +650,18 @@ def test_bad_masking_ratio_fails_at_startup(fake_fashion_mnist, tmp_path):
     assert "masking.ratio=1.2 must be in [0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (run / "checkpoints").exists()
+
+
+def test_adan_optimiser_config_builds_timm_adan_and_mdt_xl2_uses_it_with_clipping():
+    from hydra.utils import instantiate
+
+    cfg = compose(["experiment=mdt_xl2_imagenet256", "trainer=ddp8", "data.path=/nonexistent"])
+    assert cfg.optim.optimizer._target_ == "timm.optim.Adan" and cfg.optim.optimizer.lr == 3e-4
+    assert cfg.trainer.gradient_clip_val == 1.0, "Adan's max_grad_norm=1 as the official MDTv2 script"
+    net = torch.nn.Linear(3, 2)
+    opt = instantiate(cfg.optim.optimizer)(params=net.parameters())
+    before = net.weight.detach().clone()
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, net.weight), "one Adan step moves the weights"
+    assert compose(["model=mdt_xl", "optim=adamw_mdt"]).optim.optimizer._target_ == "torch.optim.AdamW"
