@@ -48,9 +48,15 @@ from .layers import (
     LabelEmbedder,
     TimestepEmbedder,
     apply_cfg,
+    check_heads,
+    check_mlp_ratio_and_dropout,
+    check_net_inputs,
     check_positive_int,
+    check_transformer_args,
+    divisor_hint,
     get_2d_sincos_pos_embed,
     resolve_guidance_channels,
+    unpatchify,
 )
 
 __all__ = [
@@ -223,50 +229,6 @@ class DiffiTFinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared checks
-# ---------------------------------------------------------------------------------------------
-def _check_common(owner: str, mlp_ratio, class_dropout_prob, guidance_channels, in_channels: int) -> None:
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-        raise ValueError(f"{owner}: mlp_ratio={mlp_ratio!r} must be positive (e.g. model.mlp_ratio=4.0).")
-    if not 0.0 <= float(class_dropout_prob) < 1.0:
-        raise ValueError(
-            f"{owner}: class_dropout_prob={class_dropout_prob!r} must be in [0, 1) (e.g. model.class_dropout_prob=0.1)."
-        )
-    resolve_guidance_channels(guidance_channels, in_channels, owner=owner)
-
-
-def _check_heads(owner: str, width: int, num_heads: int, what: str = "hidden_size") -> None:
-    if width % num_heads:
-        good = max(h for h in range(1, num_heads + 1) if width % h == 0)
-        raise ValueError(
-            f"{owner}: {what}={width} is not divisible by num_heads={num_heads}; choose a head count that "
-            f"divides it (e.g. model.num_heads={good})."
-        )
-
-
-def _check_inputs(owner: str, net, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    expected = (net.in_channels, net.input_size, net.input_size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(
-            f"{owner}: expected input of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) "
-            f"(in_channels={net.in_channels}, input_size={net.input_size}), got {tuple(x.shape)}; "
-            "build the model with matching model.in_channels / model.input_size."
-        )
-    n = x.shape[0]
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise ValueError(f"{owner}: timesteps must have shape ({n},) for a batch of {n}, got {tuple(t.shape)}.")
-    if y.shape != (n,):
-        raise ValueError(f"{owner}: class labels must have shape ({n},) for a batch of {n}, got {tuple(y.shape)}.")
-    return t
-
-
-def _divisor_hint(n: int, preferred: tuple[int, ...]) -> int:
-    return next((p for p in preferred if n % p == 0), 1)
-
-
-# ---------------------------------------------------------------------------------------------
 # Latent DiffiT
 # ---------------------------------------------------------------------------------------------
 class DiffiT(nn.Module):
@@ -299,25 +261,19 @@ class DiffiT(nn.Module):
         time_in_attention: bool = True,
     ):
         super().__init__()
-        input_size = check_positive_int("DiffiT", "input_size", input_size)
-        patch_size = check_positive_int("DiffiT", "patch_size", patch_size)
-        in_channels = check_positive_int("DiffiT", "in_channels", in_channels)
-        hidden_size = check_positive_int("DiffiT", "hidden_size", hidden_size)
-        depth = check_positive_int("DiffiT", "depth", depth)
-        num_heads = check_positive_int("DiffiT", "num_heads", num_heads)
-        num_classes = check_positive_int("DiffiT", "num_classes", num_classes)
-        if input_size % patch_size:
-            raise ValueError(
-                f"DiffiT: patch_size={patch_size} does not divide the input size {input_size}; choose a patch "
-                f"size that divides it (e.g. model.patch_size={_divisor_hint(input_size, (2, 4, 8))})."
-            )
-        _check_heads("DiffiT", hidden_size, num_heads)
-        if hidden_size % 4:
-            raise ValueError(
-                f"DiffiT: hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos position "
-                f"embedding; choose e.g. model.hidden_size={hidden_size + (-hidden_size) % 4}."
-            )
-        _check_common("DiffiT", mlp_ratio, class_dropout_prob, guidance_channels, in_channels)
+        input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes = check_transformer_args(
+            "DiffiT",
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+        )
+        resolve_guidance_channels(guidance_channels, in_channels, owner="DiffiT")
 
         self.input_size = input_size
         self.patch_size = patch_size
@@ -372,16 +328,13 @@ class DiffiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C_out) tokens -> (N, C_out, H, W) (square token grid)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = self.input_size // p
+        h = w = self.input_size // self.patch_size
         if h * w != x.shape[1]:
             raise ValueError(f"DiffiT.unpatchify: {x.shape[1]} tokens do not form the {h}x{w} grid.")
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t = _check_inputs("DiffiT", self, x, t, y)
+        t = check_net_inputs("DiffiT", self, x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # the time token (carries the class too)
         if not self.time_in_attention:
@@ -534,9 +487,9 @@ class DiffiTUNet(nn.Module):
             )
         widths = [base_channels * m for m in mults]
         for width in widths:
-            _check_heads(owner, width, num_heads, what="stage width")
+            check_heads(owner, width, num_heads, what="stage width")
             if width % norm_groups:
-                hint = _divisor_hint(base_channels, (32, 16, 8, 4, 2))
+                hint = divisor_hint(base_channels, (32, 16, 8, 4, 2))
                 raise ValueError(
                     f"{owner}: stage width {width} is not divisible by norm_groups={norm_groups}; choose a group "
                     f"count that divides every width (e.g. model.norm_groups={hint})."
@@ -557,7 +510,8 @@ class DiffiTUNet(nn.Module):
                     )
         temb_dim = 4 * base_channels if time_embed_dim is None else time_embed_dim
         temb_dim = check_positive_int(owner, "time_embed_dim", temb_dim)
-        _check_common(owner, mlp_ratio, class_dropout_prob, guidance_channels, in_channels)
+        check_mlp_ratio_and_dropout(owner, mlp_ratio, class_dropout_prob)
+        resolve_guidance_channels(guidance_channels, in_channels, owner=owner)
 
         self.input_size = input_size
         self.in_channels = in_channels
@@ -621,7 +575,7 @@ class DiffiTUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) images; t: (N,) timesteps; y: (N,) labels. Returns (N, out_channels, H, W)."""
-        t = _check_inputs("DiffiTUNet", self, x, t, y)
+        t = check_net_inputs("DiffiTUNet", self, x, t, y)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         h = self.tokenizer(x)
         skips = []

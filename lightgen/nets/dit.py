@@ -20,10 +20,12 @@ from .layers import (
     LabelEmbedder,
     TimestepEmbedder,
     apply_cfg,
-    check_positive_int,
+    check_net_inputs,
+    check_transformer_args,
     get_2d_sincos_pos_embed,
     modulate,
     resolve_guidance_channels,
+    unpatchify,
 )
 
 __all__ = ["DIT_CONFIGS", "DiT", "DiTBlock", "FinalLayer", "dit_config"]
@@ -89,10 +91,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def _divisor_hint(n: int, preferred: tuple[int, ...]) -> int:
-    return next((p for p in preferred if n % p == 0), 1)
-
-
 class DiT(nn.Module):
     """Diffusion transformer (official DiT).
 
@@ -119,35 +117,18 @@ class DiT(nn.Module):
         guidance_channels: int | str = 3,
     ):
         super().__init__()
-        input_size = check_positive_int("DiT", "input_size", input_size)
-        patch_size = check_positive_int("DiT", "patch_size", patch_size)
-        in_channels = check_positive_int("DiT", "in_channels", in_channels)
-        hidden_size = check_positive_int("DiT", "hidden_size", hidden_size)
-        depth = check_positive_int("DiT", "depth", depth)
-        num_heads = check_positive_int("DiT", "num_heads", num_heads)
-        num_classes = check_positive_int("DiT", "num_classes", num_classes)
-        if input_size % patch_size:
-            raise ValueError(
-                f"DiT: patch_size={patch_size} does not divide the input size {input_size}; choose a patch "
-                f"size that divides it (e.g. model.patch_size={_divisor_hint(input_size, (2, 4, 8))})."
-            )
-        if hidden_size % num_heads:
-            good = max(h for h in range(1, num_heads + 1) if hidden_size % h == 0)
-            raise ValueError(
-                f"DiT: hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose a head "
-                f"count that divides it (e.g. model.num_heads={good})."
-            )
-        if hidden_size % 4:
-            raise ValueError(
-                f"DiT: hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos position "
-                f"embedding; choose e.g. model.hidden_size={hidden_size + (-hidden_size) % 4 or 4}."
-            )
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-            raise ValueError(f"DiT: mlp_ratio={mlp_ratio!r} must be positive (e.g. model.mlp_ratio=4.0).")
-        if not 0.0 <= float(class_dropout_prob) < 1.0:
-            raise ValueError(
-                f"DiT: class_dropout_prob={class_dropout_prob!r} must be in [0, 1) (e.g. model.class_dropout_prob=0.1)."
-            )
+        input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes = check_transformer_args(
+            "DiT",
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+        )
         resolve_guidance_channels(guidance_channels, in_channels, owner="DiT")
 
         self.input_size = input_size
@@ -210,36 +191,13 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ shapes
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C_out) tokens -> (N, C_out, H, W) image (square token grid)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(round(x.shape[1] ** 0.5))
-        if h * w != x.shape[1]:
-            raise ValueError(f"DiT.unpatchify: {x.shape[1]} tokens do not form a square grid.")
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"DiT: expected input of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) "
-                f"(in_channels={self.in_channels}, input_size={self.input_size}), got {tuple(x.shape)}; "
-                "build the model with matching model.in_channels / model.input_size."
-            )
-        n = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"DiT: timesteps must have shape ({n},) for a batch of {n}, got {tuple(t.shape)}.")
-        if y.shape != (n,):
-            raise ValueError(f"DiT: class labels must have shape ({n},) for a batch of {n}, got {tuple(y.shape)}.")
-        return t
+        return unpatchify(x, self.patch_size, self.out_channels, owner="DiT.unpatchify")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents; t: (N,) timesteps (may be fractional); y: (N,) class labels
         (``num_classes`` = the null class). Returns (N, out_channels, H, W)."""
-        t = self._check_inputs(x, t, y)
+        t = check_net_inputs("DiT", self, x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()

@@ -10,6 +10,10 @@ nets built from these blocks reproduce the official outputs:
 * :class:`LabelEmbedder` -- class table with an extra "null" row and label dropout for CFG.
 * :func:`apply_cfg` / :func:`resolve_guidance_channels` -- classifier-free guidance on a batch laid
   out as ``[cond; uncond]``, with the official "first 3 channels only" behaviour as an option.
+* :func:`unpatchify` -- (N, T, p*p*C) tokens of a square grid -> (N, C, H, W) image.
+* :func:`check_transformer_args` / :func:`check_net_inputs` (and the smaller checks they use) -- the
+  constructor and ``forward`` validation shared by the nets, with one-sentence errors that start
+  with the net's name.
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ __all__ = [
     "LabelEmbedder",
     "TimestepEmbedder",
     "apply_cfg",
+    "check_heads",
+    "check_mlp_ratio_and_dropout",
+    "check_net_inputs",
     "check_positive_int",
+    "check_transformer_args",
+    "divisor_hint",
     "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
     "modulate",
     "resolve_guidance_channels",
+    "unpatchify",
 ]
 
 
@@ -39,6 +49,21 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     ``x`` is (N, T, D); ``shift`` and ``scale`` are (N, D).
     """
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, out_channels: int, owner: str = "unpatchify") -> torch.Tensor:
+    """(N, T, p*p*C_out) tokens of a square token grid -> (N, C_out, H, W) image, H = W = sqrt(T) * p.
+
+    Each token holds its p x p patch as ``(p, p, C_out)`` (row, column, channel), as the official
+    DiT ``unpatchify``. Raises ``"{owner}: T tokens do not form a square grid."`` otherwise.
+    """
+    c, p = out_channels, patch_size
+    h = w = int(round(x.shape[1] ** 0.5))
+    if h * w != x.shape[1]:
+        raise ValueError(f"{owner}: {x.shape[1]} tokens do not form a square grid.")
+    x = x.reshape(x.shape[0], h, w, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, h * p, w * p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,3 +247,94 @@ def check_positive_int(owner: str, name: str, value, hint: str = "") -> int:
             + (f"; {hint}" if hint else f"; set it to a positive integer (e.g. model.{name}=...).")
         )
     return int(value)
+
+
+def divisor_hint(n: int, preferred: tuple[int, ...]) -> int:
+    """The first of ``preferred`` that divides ``n`` (1 if none does) -- a value to suggest in errors."""
+    return next((p for p in preferred if n % p == 0), 1)
+
+
+def check_heads(owner: str, width: int, num_heads: int, what: str = "hidden_size") -> None:
+    """Raise if ``num_heads`` does not divide ``width``, suggesting the largest head count that does."""
+    if width % num_heads:
+        good = max(h for h in range(1, num_heads + 1) if width % h == 0)
+        raise ValueError(
+            f"{owner}: {what}={width} is not divisible by num_heads={num_heads}; choose a head count that "
+            f"divides it (e.g. model.num_heads={good})."
+        )
+
+
+def check_mlp_ratio_and_dropout(owner: str, mlp_ratio, class_dropout_prob) -> None:
+    """Raise unless ``mlp_ratio`` is a positive number and ``class_dropout_prob`` lies in [0, 1)."""
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        raise ValueError(f"{owner}: mlp_ratio={mlp_ratio!r} must be positive (e.g. model.mlp_ratio=4.0).")
+    if not 0.0 <= float(class_dropout_prob) < 1.0:
+        raise ValueError(
+            f"{owner}: class_dropout_prob={class_dropout_prob!r} must be in [0, 1) (e.g. model.class_dropout_prob=0.1)."
+        )
+
+
+def check_transformer_args(
+    owner: str,
+    *,
+    input_size,
+    patch_size,
+    in_channels,
+    hidden_size,
+    depth,
+    num_heads,
+    num_classes,
+    mlp_ratio,
+    class_dropout_prob,
+) -> tuple[int, int, int, int, int, int, int]:
+    """Validate the constructor arguments shared by the patch transformers (DiT, MDT, DiffiT).
+
+    In this order: the seven sizes are positive integers; ``patch_size`` divides ``input_size``;
+    ``num_heads`` divides ``hidden_size``; ``hidden_size`` is divisible by 4 (2-D sin-cos table);
+    ``mlp_ratio`` is positive; ``class_dropout_prob`` is in [0, 1). Each failure is one
+    ``ValueError`` sentence starting with ``"{owner}: "``. Returns the validated ints as
+    ``(input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes)``.
+    """
+    input_size = check_positive_int(owner, "input_size", input_size)
+    patch_size = check_positive_int(owner, "patch_size", patch_size)
+    in_channels = check_positive_int(owner, "in_channels", in_channels)
+    hidden_size = check_positive_int(owner, "hidden_size", hidden_size)
+    depth = check_positive_int(owner, "depth", depth)
+    num_heads = check_positive_int(owner, "num_heads", num_heads)
+    num_classes = check_positive_int(owner, "num_classes", num_classes)
+    if input_size % patch_size:
+        raise ValueError(
+            f"{owner}: patch_size={patch_size} does not divide the input size {input_size}; choose a patch "
+            f"size that divides it (e.g. model.patch_size={divisor_hint(input_size, (2, 4, 8))})."
+        )
+    check_heads(owner, hidden_size, num_heads)
+    if hidden_size % 4:
+        raise ValueError(
+            f"{owner}: hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos position "
+            f"embedding; choose e.g. model.hidden_size={hidden_size + (-hidden_size) % 4}."
+        )
+    check_mlp_ratio_and_dropout(owner, mlp_ratio, class_dropout_prob)
+    return input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes
+
+
+def check_net_inputs(owner: str, net: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Check ``forward(x, t, y)`` inputs against ``net.in_channels`` / ``net.input_size``; return ``t``.
+
+    ``x`` must be (N, in_channels, input_size, input_size), ``y`` (N,), and ``t`` (N,) or a scalar
+    (then broadcast to (N,), which is what is returned). Errors start with ``"{owner}: "``.
+    """
+    expected = (net.in_channels, net.input_size, net.input_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"{owner}: expected input of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) "
+            f"(in_channels={net.in_channels}, input_size={net.input_size}), got {tuple(x.shape)}; "
+            "build the model with matching model.in_channels / model.input_size."
+        )
+    n = x.shape[0]
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{owner}: timesteps must have shape ({n},) for a batch of {n}, got {tuple(t.shape)}.")
+    if y.shape != (n,):
+        raise ValueError(f"{owner}: class labels must have shape ({n},) for a batch of {n}, got {tuple(y.shape)}.")
+    return t

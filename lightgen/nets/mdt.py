@@ -45,10 +45,13 @@ from .layers import (
     LabelEmbedder,
     TimestepEmbedder,
     apply_cfg,
+    check_net_inputs,
     check_positive_int,
+    check_transformer_args,
     get_2d_sincos_pos_embed,
     modulate,
     resolve_guidance_channels,
+    unpatchify,
 )
 
 __all__ = [
@@ -176,10 +179,6 @@ class MDTBlock(nn.Module):
         return x
 
 
-def _divisor_hint(n: int, preferred: tuple[int, ...]) -> int:
-    return next((p for p in preferred if n % p == 0), 1)
-
-
 class MDT(nn.Module):
     """Masked Diffusion Transformer, v1 or v2 (official sail-sg/MDT).
 
@@ -224,13 +223,18 @@ class MDT(nn.Module):
         mask_ratio: float | None = None,
     ):
         super().__init__()
-        input_size = check_positive_int("MDT", "input_size", input_size)
-        patch_size = check_positive_int("MDT", "patch_size", patch_size)
-        in_channels = check_positive_int("MDT", "in_channels", in_channels)
-        hidden_size = check_positive_int("MDT", "hidden_size", hidden_size)
-        depth = check_positive_int("MDT", "depth", depth)
-        num_heads = check_positive_int("MDT", "num_heads", num_heads)
-        num_classes = check_positive_int("MDT", "num_classes", num_classes)
+        input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes = check_transformer_args(
+            "MDT",
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+        )
         version = str(version).strip().lower()
         if version not in MDT_DEFAULT_DECODE_LAYER:
             raise ValueError(f"MDT: version={version!r} is not an MDT version; use model.version=v2 (MDTv2) or v1.")
@@ -241,28 +245,6 @@ class MDT(nn.Module):
             raise ValueError(
                 f"MDT: decode_layer={decode_layer} exceeds depth={depth}; the decoder is part of the "
                 f"{depth} blocks (e.g. model.decode_layer={min(MDT_DEFAULT_DECODE_LAYER[version], depth)})."
-            )
-        if input_size % patch_size:
-            raise ValueError(
-                f"MDT: patch_size={patch_size} does not divide the input size {input_size}; choose a patch "
-                f"size that divides it (e.g. model.patch_size={_divisor_hint(input_size, (2, 4, 8))})."
-            )
-        if hidden_size % num_heads:
-            good = max(h for h in range(1, num_heads + 1) if hidden_size % h == 0)
-            raise ValueError(
-                f"MDT: hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose a head "
-                f"count that divides it (e.g. model.num_heads={good})."
-            )
-        if hidden_size % 4:
-            raise ValueError(
-                f"MDT: hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos position "
-                f"embedding; choose e.g. model.hidden_size={hidden_size + (-hidden_size) % 4 or 4}."
-            )
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-            raise ValueError(f"MDT: mlp_ratio={mlp_ratio!r} must be positive (e.g. model.mlp_ratio=4.0).")
-        if not 0.0 <= float(class_dropout_prob) < 1.0:
-            raise ValueError(
-                f"MDT: class_dropout_prob={class_dropout_prob!r} must be in [0, 1) (e.g. model.class_dropout_prob=0.1)."
             )
         if mask_ratio is not None and (isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float))):
             raise ValueError(f"MDT: mask_ratio={mask_ratio!r} must be null or a number (e.g. model.mask_ratio=0.3).")
@@ -358,29 +340,11 @@ class MDT(nn.Module):
     # ------------------------------------------------------------------ shapes
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C_out) tokens -> (N, C_out, H, W) image (square token grid)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(round(x.shape[1] ** 0.5))
-        if h * w != x.shape[1]:
-            raise ValueError(f"MDT.unpatchify: {x.shape[1]} tokens do not form a square grid.")
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, self.out_channels, owner="MDT.unpatchify")
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: Any) -> torch.Tensor:
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"MDT: expected input of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) "
-                f"(in_channels={self.in_channels}, input_size={self.input_size}), got {tuple(x.shape)}; "
-                "build the model with matching model.in_channels / model.input_size."
-            )
+        t = check_net_inputs("MDT", self, x, t, y)
         n = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"MDT: timesteps must have shape ({n},) for a batch of {n}, got {tuple(t.shape)}.")
-        if y.shape != (n,):
-            raise ValueError(f"MDT: class labels must have shape ({n},) for a batch of {n}, got {tuple(y.shape)}.")
         if mask is not None:
             shapes = {k: tuple(getattr(mask, k, torch.empty(0)).shape) for k in ("ids_keep", "ids_restore", "mask")}
             keep = shapes["ids_keep"]
