@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -665,3 +666,35 @@ def test_adan_optimiser_config_builds_timm_adan_and_mdt_xl2_uses_it_with_clippin
     opt.step()
     assert not torch.equal(before, net.weight), "one Adan step moves the weights"
     assert compose(["model=mdt_xl", "optim=adamw_mdt"]).optim.optimizer._target_ == "torch.optim.AdamW"
+
+
+@pytest.mark.slow
+def test_mask_ratio_by_patch_size_sweep_runs_six_jobs_and_writes_the_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train",
+        "-m",
+        "experiment=quickstart_mdt",
+        "data=synthetic",
+        "logger=csv",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "trainer.max_steps=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress=null",
+        "callbacks.sample_grid=null",
+        "callbacks.fid.at_end=false",
+        "masking.ratio=0.1,0.3,0.5",
+        "model.patch_size=2,4",
+        f"hydra.sweep.dir={sweep}",
+    )
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert {(r["masking.ratio"], r["model.patch_size"]) for r in rows} == {
+        (r, p) for r in ("0.1", "0.3", "0.5") for p in ("2", "4")
+    }
+    md = (sweep / "summary.md").read_text()
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 6
+    for r in rows:
+        metrics = list(csv.DictReader(open(Path(r["run_dir"]) / "metrics.csv")))
+        assert any(m.get("train/m_loss") for m in metrics), "the masked pass is logged in every job"
