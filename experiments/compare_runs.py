@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="NAME=RUN_DIR ...")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--smooth", type=float, default=0.9)
+    ap.add_argument("--smooth", type=float, default=0.6)
     ap.add_argument("--title", default="")
     args = ap.parse_args()
     out = Path(args.out)
@@ -59,10 +59,11 @@ def main() -> None:
         plot_curves(fids, out / "fid.png", title=f"{args.title} FID", ylabel="FID")
 
     steps = sorted({int(s) for m in metrics.values() for k in fid_keys for s in m.get(k, ([], []))[0]})
-    head = ["run", "final loss (smoothed)"] + [f"{k} @ {s}" for k in fid_keys for s in steps] + ["images/s"]
+    head = ["run", "loss, mean of the last 20% logged"] + [f"{k} @ {s}" for k in fid_keys for s in steps] + ["images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
-        cells = [name, f"{loss[name][1][-1]:.4f}"]
+        raw = m["train/loss"][1]
+        cells = [name, f"{statistics.mean(raw[-max(1, len(raw) // 5) :]):.4f}"]
         for k in fid_keys:
             table = dict(zip(*m.get(k, ([], []))))
             cells += [f"{table[float(s)]:.2f}" if float(s) in table else "" for s in steps]
