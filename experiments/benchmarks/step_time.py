@@ -72,9 +72,7 @@ def build(spec: str, patch_size: int, device: torch.device):
 
 def step_fn(module: DiffusionModule, batch: dict, precision: str, device: torch.device):
     opt = module.configure_optimizers()
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def step():
         with autocast:
