@@ -34,7 +34,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.console import Console
 
@@ -44,6 +44,7 @@ from lightgen.utils.images import save_grid, to_uint8
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.io import atomic_write
 from lightgen.utils.npz import NpzMember, write_npz_streaming
+from lightgen.utils.sampling import batch_seed, make_labels  # noqa: F401 (re-exported)
 
 PARTS = ".parts"
 
@@ -82,27 +83,6 @@ def _accepts(fn, name: str) -> bool:
 
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def make_labels(spec, num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
-    """The labels of all ``num_samples`` samples, a function of (spec, N, K, seed) only."""
-    gen = torch.Generator().manual_seed(int(seed))
-    if isinstance(spec, (list, tuple, ListConfig)):
-        classes = torch.tensor([int(c) for c in spec], dtype=torch.long)
-        if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
-            raise LightgenConfigError(f"labels={list(spec)} must be class indices in [0, {num_classes}).")
-        return classes.repeat_interleave(math.ceil(num_samples / len(classes)))[:num_samples]
-    if spec == "balanced":
-        ordered = torch.arange(num_classes).repeat(math.ceil(num_samples / num_classes))[:num_samples]
-        return ordered[torch.randperm(num_samples, generator=gen)]
-    if spec == "uniform":
-        return torch.randint(0, num_classes, (num_samples,), generator=gen)
-    raise LightgenConfigError(f"labels={spec!r} is not understood; use balanced, uniform or a list of classes.")
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """Seed of batch ``batch``'s generator: independent streams per (seed, batch)."""
-    return int(np.random.SeedSequence([int(seed), int(batch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def grid_indices(labels: np.ndarray, per_class: int, max_classes: int) -> tuple[list[int], int]:

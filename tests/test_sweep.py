@@ -354,26 +354,12 @@ def test_ddp_jobs_in_a_multirun_run_once_each(tmp_path):
 
 
 def _wandb_run_record(path: Path):
-    """The run record (project, group, name) of an offline run's .wandb file (LevelDB log format records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    """The run record (project, group, name) of an offline run's .wandb file."""
+    from conftest import wandb_records
 
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # FULL, LAST
-            record = pb.Record()
-            record.ParseFromString(pending + payload)
-            pending = b""
-            if record.WhichOneof("record_type") == "run":
-                return record.run
-        elif kind in (2, 3):  # FIRST, MIDDLE
-            pending += payload
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "run":
+            return record.run
     raise AssertionError(f"no run record in {path}")
 
 

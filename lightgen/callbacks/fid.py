@@ -11,6 +11,7 @@ import torch
 
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.images import log_image_to_loggers, save_grid, to_uint8
+from lightgen.utils.sampling import batch_seed, make_labels
 
 
 def metric_name(num_samples: int) -> str:
@@ -136,7 +137,6 @@ class FIDCallback(pl.Callback):
     def compute(self, trainer: pl.Trainer, pl_module) -> float | None:
         """FID-K now (a collective: every rank calls it); the value on rank 0, None elsewhere."""
         from lightgen.metrics import FeatureStatsAccumulator
-        from lightgen.sample import batch_seed, make_labels
 
         t0 = time.perf_counter()
         device = pl_module.device
