@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TokenMask", "TokenMasking"]
+__all__ = ["TokenMask", "TokenMasking", "no_masking"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,8 @@ class TokenMasking:
             ids_shuffle=ids_shuffle,
             ratio=ratio,
         )
+
+
+def no_masking(**settings) -> None:
+    """``masking=none``: no masked pass (DiT, DiffiT). The group's fields (``ratio``) stay readable by configs."""
+    return None

@@ -7,10 +7,7 @@ samples/. Re-running a command with the same ``hydra.run.dir`` resumes from its 
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import hydra
@@ -20,10 +17,11 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lightgen.compose import build_method
 from lightgen.utils import ddp_launch
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
-from lightgen.utils.errors import LightgenConfigError
-from lightgen.utils.instantiate import instantiate_dict, root_cause, startup_errors
+from lightgen.utils.errors import LightgenConfigError, first_line
+from lightgen.utils.instantiate import instantiate_dict, quiet_known_warnings, root_cause, startup_errors
 from lightgen.utils.rng import seed_all
 from lightgen.utils.sweep import write_result
 
@@ -40,54 +38,21 @@ def build(cfg: DictConfig):
         datamodule.expected_first_stage = OmegaConf.to_container(cfg.first_stage, resolve=True)
     if hasattr(datamodule, "check"):
         datamodule.check()
-    first_stage = instantiate(cfg.first_stage)
-    net = instantiate(cfg.model) if cfg.get("model") else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    module = build_method(cfg.method, config=resolved)  # first stage, net, process, ... as cfg.method lists them
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None and cfg.get("auto_resume", True):
         found = find_resume_checkpoint(out)
         ckpt_path = str(found) if found else None
     if ckpt_path is not None:
+        net = module.net if cfg.get("model") else None
         check_checkpoint_matches(load_checkpoint(ckpt_path), net, ckpt_path, resolved.get("model"))
 
-    scheduler = cfg.optim.get("scheduler")
-    parts = dict(
-        net=net,
-        diffusion=instantiate(cfg.diffusion) if cfg.get("diffusion") else None,
-        masking=instantiate(cfg.masking) if cfg.get("masking") and cfg.masking.get("_target_") else None,
-        first_stage=first_stage,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=instantiate(scheduler) if scheduler else None,
-        seed=int(cfg.seed),
-        config=resolved,
-    )
-    module = compose_method(cfg.method, parts)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return dict(datamodule=datamodule, module=module, trainer=trainer, ckpt_path=ckpt_path, config=resolved)
-
-
-def compose_method(method_cfg: DictConfig, parts: dict):
-    """Build the LightningModule from its config and the parts it asks for by name.
-
-    A diffusion method takes net, diffusion, first_stage, optimizer...; a stage-1 autoencoder method
-    takes first_stage and optimizer only. Parts a method does not accept are not passed; a part it
-    requires that the config does not provide fails with one sentence.
-    """
-    method = instantiate(method_cfg, _partial_=True)
-    params = inspect.signature(method.func).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in parts.items() if k in params or (takes_all and v is not None)}
-    for name, p in params.items():
-        if p.default is inspect.Parameter.empty and name not in method.keywords and kwargs.get(name) is None:
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-                raise LightgenConfigError(
-                    f"method {method_cfg._target_} needs `{name}`, which this config does not provide; "
-                    f"select one (e.g. {name.replace('net', 'model')}=...)."
-                )
-    return method(**kwargs)
 
 
 @rank_zero_only
@@ -101,18 +66,6 @@ def write_run_files(cfg: DictConfig, out: Path) -> None:
     except ValueError:
         overrides = []
     (out / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
-
-
-def quiet_known_warnings() -> None:
-    """Silence Lightning messages that do not apply to lightgen's design."""
-    for pattern in (
-        r".*module\(s\) in eval mode.*",  # the EMA copy is in eval mode on purpose
-        r".*isinstance\(treespec, LeafSpec\).*",
-        r".*does not have many workers.*",  # in-memory datasets need none
-        r".*predict returned None.*",  # lightgen.sample writes its batches to disk
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -178,8 +131,7 @@ def run_multirun_job(cfg: DictConfig) -> dict:
         except BaseException as e:
             _finish_wandb(exit_code=1)
             if isinstance(e, SystemExit) and e.code not in (0, None):
-                cause = root_cause(e.__context__) if e.__context__ is not None else None
-                text = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+                text = first_line(root_cause(e.__context__)) if e.__context__ is not None else ""
                 raise JobFailed(text or f"start-up failed with exit status {e.code}") from None
             raise
 

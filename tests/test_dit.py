@@ -26,7 +26,6 @@ from lightgen.nets import (
     DiT,
     LabelEmbedder,
     TimestepEmbedder,
-    apply_cfg,
     dit_config,
     get_2d_sincos_pos_embed,
 )
@@ -199,65 +198,6 @@ def test_label_dropout():
 
 
 # ---------------------------------------------------------------------------------------------
-# (3) classifier-free guidance
-# ---------------------------------------------------------------------------------------------
-def _cfg_batch(n_half: int = 3):
-    x, t, y = _inputs(n_half)
-    x2 = torch.cat([x, torch.randn_like(x)])  # second half of x is ignored by forward_with_cfg
-    return x, t, y, x2, torch.cat([t, t]), torch.cat([y, torch.full_like(y, TINY["num_classes"])])
-
-
-@torch.no_grad()
-def test_cfg_scale_one_is_conditional_forward():
-    net = _tiny()
-    x, t, y, x2, t2, y2 = _cfg_batch()
-    out = net.forward_with_cfg(x2, t2, y2, 1.0)
-    cond = net(x, t, y)
-    # conditional half: every channel is the conditional prediction
-    torch.testing.assert_close(out[:3], cond, atol=1e-5, rtol=1e-5)
-    # unconditional half: the guided eps channels (0..2) are copied from the conditional half
-    torch.testing.assert_close(out[3:, :3], cond[:, :3], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("mode", "guided"), [(3, 3), ("all", 4), (1, 1)])
-@torch.no_grad()
-def test_cfg_guides_only_selected_eps_channels(mode, guided):
-    net = _tiny(guidance_channels=mode)
-    x, t, y, x2, t2, y2 = _cfg_batch()
-    plain = net(torch.cat([x, x]), t2, y2)  # both halves see the first half's x
-    out = net.forward_with_cfg(x2, t2, y2, 4.0)
-    # unguided channels (rest of eps + all variance channels) pass through, each half its own
-    torch.testing.assert_close(out[:, guided:], plain[:, guided:])
-    # guided channels: uncond + s (cond - uncond), duplicated to both halves
-    cond, uncond = plain[:3, :guided], plain[3:, :guided]
-    expected = uncond + 4.0 * (cond - uncond)
-    torch.testing.assert_close(out[:3, :guided], expected)
-    torch.testing.assert_close(out[3:, :guided], expected)
-    assert (out[:3, :guided] - plain[:3, :guided]).abs().amin(dim=(0, 2, 3)).gt(0).all()
-
-
-@torch.no_grad()
-def test_cfg_per_sample_scale():
-    net = _tiny()
-    x, t, y, x2, t2, y2 = _cfg_batch()
-    scales = torch.tensor([1.0, 2.5, 4.0])
-    out_half = net.forward_with_cfg(x2, t2, y2, scales)
-    out_full = net.forward_with_cfg(x2, t2, y2, torch.cat([scales, torch.zeros(3)]))  # (N,): first half used
-    torch.testing.assert_close(out_half, out_full)
-    for i, s in enumerate(scales.tolist()):
-        ref = net.forward_with_cfg(x2, t2, y2, s)
-        torch.testing.assert_close(out_half[i], ref[i])
-        torch.testing.assert_close(out_half[3 + i], ref[3 + i])
-    with pytest.raises(ValueError, match="per-sample cfg scale"):
-        net.forward_with_cfg(x2, t2, y2, torch.ones(4))
-
-
-def test_apply_cfg_odd_batch():
-    with pytest.raises(ValueError, match=r"\[cond; uncond\]"):
-        apply_cfg(torch.zeros(3, 8, 2, 2), 4, 3, 2.0)
-
-
-# ---------------------------------------------------------------------------------------------
 # (4) official parameter names and checkpoint import
 # ---------------------------------------------------------------------------------------------
 def _official_keys(depth: int) -> set[str]:
@@ -377,9 +317,6 @@ def test_matches_diffusers_dit(overrides):
             r"hidden_size=60 is not divisible by num_heads=8; .*model.num_heads=6",
         ),
         ({"hidden_size": 66, "num_heads": 2}, r"divisible by 4 for the 2-D sin-cos"),
-        ({"guidance_channels": 0}, r"guidance_channels=0 is not valid"),
-        ({"guidance_channels": "most"}, r"guidance_channels='most' is not valid"),
-        ({"guidance_channels": True}, r"guidance_channels=True is not valid"),
         ({"depth": 0}, r"depth=0 must be a positive integer"),
         ({"input_size": -8}, r"input_size=-8 must be a positive integer"),
         ({"hidden_size": 64.0}, r"hidden_size=64.0 must be a positive integer"),
@@ -390,15 +327,6 @@ def test_bad_construction(kwargs, phrase):
     with pytest.raises(ValueError, match=phrase) as err:
         DiT(**{**TINY, **kwargs})
     assert str(err.value).startswith("DiT: ")
-
-
-def test_guidance_channels_beyond_in_channels_guide_every_channel():
-    """The official slice eps[:, :3] on a 1-channel (pixel-space) model guides that one channel."""
-    from lightgen.nets.layers import resolve_guidance_channels
-
-    assert resolve_guidance_channels(3, 1) == 1
-    assert resolve_guidance_channels(5, 4) == 4
-    assert resolve_guidance_channels(3, 4) == 3
 
 
 def test_official_error_message_example():

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from lightgen.diffusion import create_diffusion
+from lightgen.diffusion import GaussianDiffusionProcess, create_diffusion
 from lightgen.first_stage import IdentityFirstStage
 from lightgen.methods import DiffusionModule
 from lightgen.methods.ema import make_ema, update_ema
@@ -67,12 +67,12 @@ def test_tiny_dit_overfits_a_handful_of_images():
     assert end < 0.5 * start, (start, end)
 
 
-def _module(**kw):
-    net = tiny_net()
+def _module(channels: int = 1, **kw):
+    net = tiny_net(in_channels=channels)
     return DiffusionModule(
         net=net,
-        diffusion=lambda **k: create_diffusion(**k),
-        first_stage=IdentityFirstStage(channels=1, image_size=16),
+        process=GaussianDiffusionProcess(),
+        first_stage=IdentityFirstStage(channels=channels, image_size=16),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
         **kw,
     )
@@ -95,6 +95,66 @@ def test_generate_is_deterministic_per_seed_and_shaped_like_the_data(sampler):
 def test_generate_rejects_unknown_sampler():
     with pytest.raises(ValueError, match="use ddpm or ddim"):
         _module().generate(torch.tensor([0]), sampler="euler", steps=2)
+    with pytest.raises(ValueError, match="use ddpm or ddim"):
+        _module(sampling={"sampler": "euler"})  # bad defaults fail when the module is built
+    with pytest.raises(ValueError, match="unknown sampling setting"):
+        _module().generate(torch.tensor([0]), sampling_steps=2)
+
+
+def _official_forward_with_cfg(net, x, t, y, cfg_scale):
+    """facebookresearch/DiT models.py ``forward_with_cfg``, written out as the official code does it."""
+    half = x[: len(x) // 2]
+    combined = torch.cat([half, half], dim=0)
+    model_out = net.forward(combined, t, y)
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = torch.cat([half_eps, half_eps], dim=0)
+    return torch.cat([eps, rest], dim=1)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guided_sampling_is_the_official_dit_loop_bit_for_bit(sampler):
+    """The process + guider reproduce DiT's sample.py: z doubled, y_null = 1000, forward_with_cfg.
+
+    On 4 latent channels, as the official code (on a 1-channel pixel model its slice ``[:, :3]`` would also
+    take the variance channel; lightgen guides the one ε channel there).
+    """
+    m = _module(channels=4)
+    for p in m.ema.parameters():
+        p.data.normal_(0, 0.02)
+    y = torch.tensor([0, 3, 1])
+    ours = m.generate(y, cfg_scale=4.0, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 4, 16, 16, generator=g)
+    z = torch.cat([z, z])
+    y_null = torch.full_like(y, m.ema.num_classes)
+    kwargs = dict(y=torch.cat([y, y_null]), cfg_scale=4.0)
+    diffusion = create_diffusion(f"ddim{6}" if sampler == "ddim" else "6")
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    ref = loop(
+        lambda x, t, **kw: _official_forward_with_cfg(m.ema, x, t, **kw),
+        z.shape,
+        noise=z,
+        clip_denoised=False,
+        model_kwargs=kwargs,
+        generator=g,
+    )[:3]
+    assert torch.equal(ours, ref)
+
+
+def test_process_owns_the_training_draws():
+    """training_losses draws t itself from the global RNG, then the hybrid loss: equal to doing it by hand."""
+    m = _module()
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(3)
+    loss, terms = m.process.training_losses(m.net, x0, {"y": y})
+    torch.manual_seed(3)
+    t = torch.randint(0, 1000, (4,))
+    ref = m.process.diffusion.training_losses(m.net, x0, t, model_kwargs={"y": y})
+    assert torch.equal(loss, ref["loss"].mean()) and set(terms) == {"loss", "mse", "vb"}
+    assert torch.equal(terms["mse"], ref["mse"].mean())
 
 
 def test_bad_ema_decay_is_refused():

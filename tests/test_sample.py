@@ -11,7 +11,7 @@ import torch
 from conftest import SMOKE, run_cli
 
 from lightgen.diffusion.guidance import guidance_scale, power_cosine_scale
-from lightgen.sample import batch_seed, grid_indices, make_labels
+from lightgen.sampling import batch_seed, grid_indices, make_labels
 from lightgen.utils.npz import NpzMember, write_npz_streaming
 
 
@@ -26,7 +26,7 @@ def test_power_cosine_is_one_at_the_start_and_cfg_scale_at_the_end():
     assert s[2].item() == pytest.approx(1 + 2.8 * (1 - np.cos(np.pi * 0.5**4)) / 2, rel=1e-12)
     assert guidance_scale(t, 3.8, "constant") == 3.8
     with pytest.raises(ValueError, match="not a guidance schedule"):
-        guidance_scale(t, 3.8, "linear")
+        guidance_scale(t, 3.8, "cosine")
 
 
 def test_balanced_labels_cover_every_class_in_a_seeded_order():
@@ -86,7 +86,7 @@ def _sample(ckpt, out, *extra, check=True):
         f"ckpt={ckpt}",
         "num_samples=10",
         "batch_size=4",
-        "sampling_steps=3",
+        "steps=3",
         f"out={out}",
         *extra,
         check=check,
@@ -135,9 +135,9 @@ def test_resume_samples_only_missing_batches_and_other_settings_are_refused(smok
 
 
 def test_power_cosine_changes_sampling_and_bad_schedules_fail(smoke_ckpt, tmp_path):
-    from lightgen.sample import module_from_checkpoint
+    from lightgen.compose import method_from_checkpoint
 
-    module, _, _ = module_from_checkpoint(smoke_ckpt)  # the raw net: after 4 steps the EMA is still the zero init
+    module, _, _ = method_from_checkpoint(smoke_ckpt)  # the raw net: after 4 steps the EMA is still the zero init
     y = torch.tensor([1, 2])
 
     def gen(**kw):

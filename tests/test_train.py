@@ -104,7 +104,7 @@ def _sample(smoke_run, out, *extra):
         f"ckpt={smoke_run / 'checkpoints' / 'last.ckpt'}",
         "num_samples=20",
         "cfg_scale=4.0",
-        "sampling_steps=3",
+        "steps=3",
         f"out={out}",
         *extra,
     )

@@ -12,8 +12,8 @@ that slow drift (thermal, other load) hits both equally:
 * **train**: one training step = ``create_diffusion("").training_losses`` (forward + hybrid
   MSE + VLB loss) + backward + ``AdamW.step``; both models see the same x, t, noise and labels.
 * **sample**: a respaced DDPM loop (``create_diffusion(str(steps)).p_sample_loop``) with
-  classifier-free guidance and batch doubling (lightgen ``forward_with_cfg``; for diffusers the
-  same wrapper around its forward, guided by lightgen's ``apply_cfg``); reported per step, i.e.
+  classifier-free guidance and batch doubling (the official ``forward_with_cfg`` as lightgen's ``Guider``
+  around each model's forward); reported per step, i.e.
   per network evaluation on a batch of ``2 * batch``.
 
 Medians over ``--reps`` timed repetitions after ``--warmup`` untimed ones; ratio = lightgen /
@@ -51,8 +51,8 @@ from lightgen.convert.dit import (
     match_official_timestep_embedding,
 )
 from lightgen.diffusion import create_diffusion
+from lightgen.diffusion.guidance import Guider
 from lightgen.nets.dit import DiT, dit_config
-from lightgen.nets.layers import apply_cfg
 
 BUSY_PATTERN = "lightgen.train|pytest"
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -206,13 +206,11 @@ def diffusers_forward(model: nn.Module) -> Callable:
     return fn
 
 
-def diffusers_forward_with_cfg(model: nn.Module, in_channels: int, guidance_channels: int | str = 3) -> Callable:
-    """The same batched CFG as ``DiT.forward_with_cfg`` around diffusers' forward."""
+def forward_with_cfg(forward: Callable, guidance_channels: int | str = 3) -> Callable:
+    """The official batched CFG (lightgen's :class:`Guider` on a doubled batch) around a ``(x, t, y)`` forward."""
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        half = x[: len(x) // 2]
-        out = model(torch.cat([half, half], dim=0), t, class_labels=y).sample
-        return apply_cfg(out, in_channels, guidance_channels, cfg_scale)
+        return Guider(scale=cfg_scale, channels=guidance_channels).paired_eps_model(forward)(x, t, y=y)
 
     return fn
 
@@ -243,8 +241,8 @@ def check_same_function(lg: DiT, df: nn.Module, device: torch.device, tol: float
     with torch.no_grad(), fp32_strict():
         a = lg(x, t, y)
         b = diffusers_forward(df)(x, t, y)
-        a_cfg = lg.forward_with_cfg(x, t, y_cfg, 4.0)
-        b_cfg = diffusers_forward_with_cfg(df, lg.in_channels, lg.guidance_channels)(x, t, y_cfg, 4.0)
+        a_cfg = forward_with_cfg(lg.forward)(x, t, y_cfg, 4.0)
+        b_cfg = forward_with_cfg(diffusers_forward(df))(x, t, y_cfg, 4.0)
     out = {
         "max_abs_diff_forward": (a - b).abs().max().item(),
         "max_abs_diff_cfg": (a_cfg - b_cfg).abs().max().item(),
@@ -449,8 +447,8 @@ def main(argv=None) -> dict:
             "diffusers": df,
             "lightgen_fn": lg,
             "diffusers_fn": diffusers_forward(df),
-            "lightgen_cfg": lg.forward_with_cfg,
-            "diffusers_cfg": diffusers_forward_with_cfg(df, lg.in_channels, lg.guidance_channels),
+            "lightgen_cfg": forward_with_cfg(lg.forward),
+            "diffusers_cfg": forward_with_cfg(diffusers_forward(df)),
         }
         for prec in precisions:
             set_tf32(prec)

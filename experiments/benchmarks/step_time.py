@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from lightgen.diffusion import create_diffusion  # noqa: E402
+from lightgen.diffusion import GaussianDiffusionProcess  # noqa: E402
 from lightgen.first_stage.identity import IdentityFirstStage  # noqa: E402
 from lightgen.methods import DiffusionModule  # noqa: E402
 
@@ -59,13 +59,11 @@ def build(spec: str, patch_size: int, device: torch.device):
     net = instantiate(cfg)
     module = DiffusionModule(
         net=net,
-        diffusion=lambda timestep_respacing="": create_diffusion(timestep_respacing),
+        process=GaussianDiffusionProcess(masking=masking),
         first_stage=IdentityFirstStage(channels=4, image_size=32),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0),
-        masking=masking,
     ).to(device)
     module.log_mean_across_ranks = lambda *a, **k: None  # no Trainer: logging is not timed
-    module._warn_plain_mdt = False
     label = f"{name}{'/' + version if version else ''}/{patch_size}"
     return label, module, sum(p.numel() for p in net.parameters())
 

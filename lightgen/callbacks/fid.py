@@ -9,9 +9,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from lightgen.sampling import draw_batch, make_labels, rank_batches
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.images import log_image_to_loggers, save_grid, to_uint8
-from lightgen.utils.sampling import batch_seed, make_labels
 
 
 def metric_name(num_samples: int) -> str:
@@ -146,10 +146,8 @@ class FIDCallback(pl.Callback):
         extractor = self.extractor(device)
         acc = FeatureStatsAccumulator(2048, device=device if device.type == "cuda" else "cpu")
         grid: list[torch.Tensor] = []
-        for b in range(rank, num_batches, world):
-            y = labels[b * self.batch_size : (b + 1) * self.batch_size].to(device)
-            gen = torch.Generator(device=device).manual_seed(batch_seed(self.seed, b))
-            x = pl_module.generate(y, generator=gen, progress=False, **self.overrides)
+        for b in rank_batches(num_batches, rank, world):
+            x = draw_batch(pl_module, labels, self.batch_size, self.seed, b, **self.overrides)
             images = to_uint8(x)  # (N, H, W, C) uint8, as the final evaluation
             for i in range(0, len(images), self.inception_batch_size):
                 acc.update(extractor.features(images[i : i + self.inception_batch_size])["pool"])

@@ -7,14 +7,18 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from lightgen.sampling import draw_batch
 from lightgen.utils.images import log_image_to_loggers, save_grid
 
 
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` steps and at the end of training, rank 0 samples
     ``samples_per_class`` images for each of the first ``max_classes`` classes with the EMA net
-    and the method's sampling settings, writes ``<run>/samples/step_XXXXXXX.png`` and logs the grid
-    to every logger that takes images. Uses its own generator: training randomness is untouched.
+    and the method's sampling settings (any can be overridden here), writes
+    ``<run>/samples/step_XXXXXXX.png`` and logs the grid to every logger that takes images. The grid is
+    batch 0 of :func:`lightgen.sampling.draw_batch` for its labels, so ``lightgen.sample`` with
+    ``labels=[0,...,K-1] num_samples=<K*per class> batch_size=<same>`` and the same seed draws the same
+    images. Its generator is its own: training randomness is untouched.
     """
 
     def __init__(
@@ -31,7 +35,7 @@ class SampleGrid(pl.Callback):
         self.max_classes = max_classes
         self.seed = seed
         self.dirname = dirname
-        self.overrides = sampling_overrides
+        self.overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
         self._last_step = -1
         self.last_path: Path | None = None
 
@@ -46,9 +50,8 @@ class SampleGrid(pl.Callback):
         self._last_step = step
         if not trainer.is_global_zero:
             return
-        labels = self.labels(pl_module.net.num_classes, pl_module.device)
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = pl_module.generate(labels, generator=g, **self.overrides)
+        labels = self.labels(pl_module.net.num_classes, "cpu")
+        images = draw_batch(pl_module, labels, len(labels), self.seed, 0, **self.overrides)
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:07d}.png"
         save_grid(images, path, nrow=self.samples_per_class)
         self.last_path = path

@@ -91,3 +91,10 @@ def create_diffusion(
         mse_loss_weighting=mse_loss_weighting,
         min_snr_gamma=min_snr_gamma,
     )
+
+
+# The processes build on create_diffusion above (imported last: process.py imports it from here).
+from lightgen.diffusion.guidance import Guider  # noqa: E402
+from lightgen.diffusion.process import GaussianDiffusionProcess, Process  # noqa: E402
+
+__all__ += ["GaussianDiffusionProcess", "Guider", "Process"]

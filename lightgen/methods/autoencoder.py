@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from lightgen.first_stage.losses import KLAutoencoderLoss
-from lightgen.methods.base import RunState
+from lightgen.methods.base import LightgenModule
 from lightgen.utils.errors import LightgenConfigError
 
 
-class AutoencoderModule(RunState, pl.LightningModule):
+class AutoencoderModule(LightgenModule):
     """Trains ``net`` (a :class:`~lightgen.first_stage.kl.SmallKLAutoencoder`) with a
     :class:`~lightgen.first_stage.losses.KLAutoencoderLoss`.
 
@@ -25,8 +24,7 @@ class AutoencoderModule(RunState, pl.LightningModule):
     value of a finished model call ``net.set_scale_factor_from_data(batches)`` (LDM's recipe).
 
     ``first_stage`` is the autoencoder being trained (``first_stage=small_kl``); it is held as ``self.net``
-    so checkpoint keys read ``net.*``. The other parts ``lightgen.train`` offers (``net``, ``diffusion``)
-    are accepted and ignored.
+    so checkpoint keys read ``net.*``.
     With the GAN on (``loss.disc_weight > 0``) optimisation is manual: one autoencoder step, then one
     discriminator step per batch (from ``disc_start`` on), both from ``optimizer``; Lightning's
     ``global_step`` (and so ``trainer.max_steps``) then counts both optimisers' steps.
@@ -35,13 +33,12 @@ class AutoencoderModule(RunState, pl.LightningModule):
     def __init__(
         self,
         first_stage: nn.Module,
-        optimizer,
+        optimizer=None,
         loss: KLAutoencoderLoss | None = None,
         scheduler=None,
         seed: int = 0,
         config: dict | None = None,
         scale_decay: float = 0.9,
-        **unused: Any,
     ):
         super().__init__()
         if not hasattr(first_stage, "set_scale_factor_from_data") or not any(
@@ -63,15 +60,11 @@ class AutoencoderModule(RunState, pl.LightningModule):
         self.automatic_optimization = not self.loss.uses_gan
 
     # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self):
-        opt = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
-        optimizers = [opt]
+    def optimized_parameter_groups(self) -> list[list[nn.Parameter]]:
+        groups = [[p for p in self.net.parameters() if p.requires_grad]]
         if self.loss.uses_gan:
-            optimizers.append(self.optimizer_factory(params=list(self.loss.discriminator.parameters())))
-        if self.scheduler_factory is None:
-            return optimizers if len(optimizers) > 1 else opt
-        schedulers = [{"scheduler": self.scheduler_factory(o), "interval": "step"} for o in optimizers]
-        return optimizers, schedulers
+            groups.append(list(self.loss.discriminator.parameters()))
+        return groups
 
     def training_step(self, batch, batch_idx):
         images = batch["image"]
@@ -97,21 +90,9 @@ class AutoencoderModule(RunState, pl.LightningModule):
                 sch.step()
         z = posterior.sample() if getattr(self.net, "sample", True) else posterior.mean
         moments = {"z_mean": z.detach().float().mean(), "z_sq": z.detach().float().square().mean()}
-        reduced = self._log_and_reduce({**{f"train/{k}": v for k, v in logs.items()}, **moments}, len(images))
+        reduced = self.log_mean_across_ranks({**{f"train/{k}": v for k, v in logs.items()}, **moments}, len(images))
         self._update_scale_factor(reduced["z_mean"], reduced["z_sq"])
         return None if self.loss.uses_gan else loss
-
-    def _log_and_reduce(self, values: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
-        """Average scalars over all ranks with one collective; log the ``train/*`` ones."""
-        names = list(values)
-        stacked = torch.stack([values[k].detach().float() for k in names])
-        if self._trainer is not None:
-            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
-        out = dict(zip(names, stacked))
-        for k, v in out.items():
-            if k.startswith("train/"):
-                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=batch_size)
-        return out
 
     @torch.no_grad()
     def _update_scale_factor(self, z_mean: torch.Tensor, z_sq: torch.Tensor) -> None:

@@ -68,25 +68,62 @@ class RunState:
             self._resume_world_size = len(states)
 
 
-class GenerativeModule(RunState, pl.LightningModule):
-    """Base LightningModule.
+class LightgenModule(RunState, pl.LightningModule):
+    """What every lightgen LightningModule shares: the optimiser(s) from a factory, rank-averaged logging.
+
+    Needs ``self.net``, ``self.optimizer_factory`` (``functools.partial`` of a torch optimiser) and
+    ``self.scheduler_factory`` (None or a partial taking the optimiser, stepped every training step).
+    """
+
+    def optimized_parameter_groups(self) -> list[list[nn.Parameter]]:
+        """One list of parameters per optimiser (default: the trainable parameters of ``self.net``)."""
+        return [[p for p in self.net.parameters() if p.requires_grad]]
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("this module was built without an optimizer (sampling only); select optim=... to train.")
+        optimizers = [self.optimizer_factory(params=group) for group in self.optimized_parameter_groups()]
+        if self.scheduler_factory is None:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        schedulers = [{"scheduler": self.scheduler_factory(o), "interval": "step"} for o in optimizers]
+        if len(optimizers) == 1:
+            return {"optimizer": optimizers[0], "lr_scheduler": schedulers[0]}
+        return optimizers, schedulers
+
+    def log_mean_across_ranks(
+        self, values: dict[str, torch.Tensor], batch_size: int, prog_bar=("train/loss",)
+    ) -> dict[str, torch.Tensor]:
+        """Average scalars over all ranks with one collective; log the ``train/*`` ones; return all, averaged."""
+        names = list(values)
+        stacked = torch.stack([values[k].detach().float() for k in names])
+        if self._trainer is not None:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        out = dict(zip(names, stacked))
+        for k, v in out.items():
+            if k.startswith("train/"):
+                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in prog_bar, batch_size=batch_size)
+        return out
+
+
+class GenerativeModule(LightgenModule):
+    """Base LightningModule of the generative methods: a net with its EMA copy, a first stage, an optimiser.
 
     Args:
         net: the network (``cfg.model``), a plain ``nn.Module``.
         first_stage: encoder/decoder between images and the space the net works in.
-        optimizer: ``functools.partial`` of a torch optimiser (``cfg.optim.optimizer``).
+        optimizer: ``functools.partial`` of a torch optimiser (``cfg.optim.optimizer``); None to sample only.
         scheduler: optional partial taking the optimiser (stepped every training step).
         ema_decay: EMA decay, updated after every optimiser step (DiT: 0.9999).
         seed: global seed; rank ``r`` of ``W`` draws noise from ``seed * W + r``.
         config: the resolved run config, stored in every checkpoint so ``lightgen.sample``
-            can rebuild the run.
+            can rebuild the run (set by the builder after construction).
     """
 
     def __init__(
         self,
         net: nn.Module,
         first_stage: nn.Module,
-        optimizer,
+        optimizer=None,
         scheduler=None,
         ema_decay: float = 0.9999,
         seed: int = 0,
@@ -113,13 +150,6 @@ class GenerativeModule(RunState, pl.LightningModule):
             return self.first_stage.encode(batch["image"])
 
     # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         update_ema(self.ema, self.net, self.ema_decay)
@@ -129,12 +159,3 @@ class GenerativeModule(RunState, pl.LightningModule):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, sync_dist=False)
-
-    # -- logging --------------------------------------------------------------------------
-    def log_mean_across_ranks(self, values: dict[str, torch.Tensor], batch_size: int, prog_bar=("train/loss",)):
-        """Average scalars over all ranks with one collective, then log them (rank-agnostic)."""
-        names = list(values)
-        stacked = torch.stack([values[k].detach().float() for k in names])
-        stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean") if self._trainer else stacked
-        for i, k in enumerate(names):
-            self.log(k, stacked[i], on_step=True, on_epoch=False, prog_bar=k in prog_bar, batch_size=batch_size)

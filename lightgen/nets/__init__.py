@@ -3,9 +3,9 @@
 from .diffit import DIFFIT_CONFIGS, TMSA, DiffiT, DiffiTBlock, DiffiTFinalLayer, DiffiTResBlock, DiffiTUNet
 from .dit import DIT_CONFIGS, DiT, DiTBlock, FinalLayer, dit_config
 from .layers import (
+    ClassConditional,
     LabelEmbedder,
     TimestepEmbedder,
-    apply_cfg,
     check_heads,
     check_mlp_ratio_and_dropout,
     check_net_inputs,
@@ -15,12 +15,12 @@ from .layers import (
     get_1d_sincos_pos_embed_from_grid,
     get_2d_sincos_pos_embed,
     modulate,
-    resolve_guidance_channels,
     unpatchify,
 )
 from .mdt import MDT, MDT_CONFIGS, MDTAttention, MDTBlock, RelativePositionBias
 
 __all__ = [
+    "ClassConditional",
     "DIFFIT_CONFIGS",
     "TMSA",
     "DiffiT",
@@ -39,7 +39,6 @@ __all__ = [
     "MDTBlock",
     "RelativePositionBias",
     "TimestepEmbedder",
-    "apply_cfg",
     "check_heads",
     "check_mlp_ratio_and_dropout",
     "check_net_inputs",
@@ -50,6 +49,5 @@ __all__ = [
     "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
     "modulate",
-    "resolve_guidance_channels",
     "unpatchify",
 ]

@@ -27,10 +27,8 @@ in :class:`DiffiT` it is added once to every token after the patch + position em
 :class:`DiffiTUNet` each DiffiT ResBlock adds ``Linear(x_t)`` once to its feature map after the
 3x3 conv (the DDPM-style "time embedding by spatial addition" the paper contrasts TMSA with).
 
-CFG (``forward_with_cfg``) follows lightgen's :func:`~lightgen.nets.layers.apply_cfg` on
-``guidance_channels`` (3 = the released "three-channel" guidance); the timestep-dependent
-power-cosine scale of the released 256-px sampler is computed by the caller
-(``method.sampling.cfg_schedule=power_cosine``), which passes a per-sample scale.
+CFG (the released ``forward_with_cfg``, "three-channel" guidance, power-cosine scale at 256 px) is
+:class:`lightgen.diffusion.guidance.Guider` (``method.sampling.cfg_schedule=power_cosine``).
 """
 
 from __future__ import annotations
@@ -45,9 +43,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import (
+    ClassConditional,
     LabelEmbedder,
     TimestepEmbedder,
-    apply_cfg,
     check_heads,
     check_mlp_ratio_and_dropout,
     check_net_inputs,
@@ -55,7 +53,6 @@ from .layers import (
     check_transformer_args,
     divisor_hint,
     get_2d_sincos_pos_embed,
-    resolve_guidance_channels,
     unpatchify,
 )
 
@@ -231,7 +228,7 @@ class DiffiTFinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Latent DiffiT
 # ---------------------------------------------------------------------------------------------
-class DiffiT(nn.Module):
+class DiffiT(ClassConditional, nn.Module):
     """Latent DiffiT (released ``diffit.DiffiT``; XL/2 = depth 28, hidden 1152, 16 heads, patch 2).
 
     ``forward(x, t, y)``: x (N, in_channels, input_size, input_size), t (N,) timesteps, y (N,)
@@ -257,7 +254,6 @@ class DiffiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
-        guidance_channels: int | str = 3,
         time_in_attention: bool = True,
     ):
         super().__init__()
@@ -273,7 +269,6 @@ class DiffiT(nn.Module):
             mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob,
         )
-        resolve_guidance_channels(guidance_channels, in_channels, owner="DiffiT")
 
         self.input_size = input_size
         self.patch_size = patch_size
@@ -284,7 +279,6 @@ class DiffiT(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = bool(learn_sigma)
         self.out_channels = in_channels * 2 if self.learn_sigma else in_channels
-        self.guidance_channels = guidance_channels
         self.time_in_attention = bool(time_in_attention)
         self.grad_checkpointing = False
         grid = input_size // patch_size
@@ -344,16 +338,6 @@ class DiffiT(nn.Module):
             x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)
         return self.unpatchify(self.final_layer(x))
 
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | torch.Tensor
-    ) -> torch.Tensor:
-        """Batched CFG on a ``[cond; uncond]`` batch: the first half of ``x`` feeds both halves and
-        ``uncond + s * (cond - uncond)`` is applied to the first ``guidance_channels`` eps channels
-        (see :func:`~lightgen.nets.layers.apply_cfg`). ``cfg_scale``: float or per-sample tensor."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        return apply_cfg(out, self.in_channels, self.guidance_channels, cfg_scale)
-
 
 # ---------------------------------------------------------------------------------------------
 # Image-space (U-shaped) DiffiT
@@ -403,7 +387,7 @@ class DiffiTResBlock(nn.Module):
         return x + window_reverse(tokens, b, height, width)
 
 
-class DiffiTUNet(nn.Module):
+class DiffiTUNet(ClassConditional, nn.Module):
     """Image-space DiffiT: a U-shaped encoder/decoder of DiffiT ResBlocks (paper Sec. 3.2.1, Fig. 4).
 
     Layout (S = ``len(channel_mult)`` resolutions ``input_size / 2**i``, widths
@@ -450,7 +434,6 @@ class DiffiTUNet(nn.Module):
         norm_groups: int = 32,
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
-        guidance_channels: int | str = 3,
         time_in_attention: bool = True,
     ):
         super().__init__()
@@ -511,14 +494,12 @@ class DiffiTUNet(nn.Module):
         temb_dim = 4 * base_channels if time_embed_dim is None else time_embed_dim
         temb_dim = check_positive_int(owner, "time_embed_dim", temb_dim)
         check_mlp_ratio_and_dropout(owner, mlp_ratio, class_dropout_prob)
-        resolve_guidance_channels(guidance_channels, in_channels, owner=owner)
 
         self.input_size = input_size
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.learn_sigma = bool(learn_sigma)
         self.out_channels = in_channels * 2 if self.learn_sigma else in_channels
-        self.guidance_channels = guidance_channels
         self.time_in_attention = bool(time_in_attention)
         self.channels = widths
         self.resolutions = resolutions
@@ -590,11 +571,3 @@ class DiffiTUNet(nn.Module):
             h = self.skip_projs[i](torch.cat([h, skips.pop()], dim=1))
             h = self._run(self.up_blocks[i], h, c)
         return self.head(h)
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | torch.Tensor
-    ) -> torch.Tensor:
-        """Batched CFG on a ``[cond; uncond]`` batch, as :meth:`DiffiT.forward_with_cfg`."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        return apply_cfg(out, self.in_channels, self.guidance_channels, cfg_scale)

@@ -2,9 +2,9 @@
 
 Architecture, initialisation and parameter names follow facebookresearch/DiT ``models.py``, so
 released checkpoints (``DiT-XL-2-256x256.pt``) load with ``strict=True`` (see
-:mod:`lightgen.convert.dit`). The only additions are input validation with clear errors, the
-``guidance_channels`` option of :meth:`DiT.forward_with_cfg` (3 = official, ``"all"`` = standard
-CFG), per-sample guidance scales, and optional activation checkpointing (off by default).
+:mod:`lightgen.convert.dit`). The only additions are input validation with clear errors and optional
+activation checkpointing (off by default). Classifier-free guidance (the official
+``forward_with_cfg``) is :class:`lightgen.diffusion.guidance.Guider`; the net provides ``null_class``.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import (
+    ClassConditional,
     LabelEmbedder,
     TimestepEmbedder,
-    apply_cfg,
     check_net_inputs,
     check_transformer_args,
     get_2d_sincos_pos_embed,
     modulate,
-    resolve_guidance_channels,
     unpatchify,
 )
 
@@ -91,14 +90,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(ClassConditional, nn.Module):
     """Diffusion transformer (official DiT).
 
     ``forward(x, t, y)`` maps latents (N, in_channels, input_size, input_size), timesteps (N,) and
     class labels (N,) to (N, out_channels, input_size, input_size), ``out_channels = 2*in_channels``
     with ``learn_sigma`` (eps then the variance interpolation), else ``in_channels``.
-    ``guidance_channels`` selects how many eps channels :meth:`forward_with_cfg` guides: 3 is the
-    official behaviour, ``"all"`` the standard one. Set ``grad_checkpointing = True`` to recompute
+    Set ``grad_checkpointing = True`` to recompute
     block activations in the backward pass (saves memory, same numbers).
     """
 
@@ -114,7 +112,6 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
-        guidance_channels: int | str = 3,
     ):
         super().__init__()
         input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes = check_transformer_args(
@@ -129,7 +126,6 @@ class DiT(nn.Module):
             mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob,
         )
-        resolve_guidance_channels(guidance_channels, in_channels, owner="DiT")
 
         self.input_size = input_size
         self.patch_size = patch_size
@@ -140,7 +136,6 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = bool(learn_sigma)
         self.out_channels = in_channels * 2 if self.learn_sigma else in_channels
-        self.guidance_channels = guidance_channels
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
@@ -205,17 +200,3 @@ class DiT(nn.Module):
             x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)
         x = self.final_layer(x, c)  # (N, T, p*p*out_channels)
         return self.unpatchify(x)
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | torch.Tensor
-    ) -> torch.Tensor:
-        """Batched classifier-free guidance, official semantics.
-
-        The batch is ``[cond; uncond]`` (labels of the second half are the null class). The first
-        half of ``x`` is used for both halves; guidance ``uncond + s * (cond - uncond)`` is applied
-        to the first ``guidance_channels`` eps channels and duplicated to both halves; the other
-        channels pass through unguided. ``cfg_scale``: float or per-sample tensor (N/2,) or (N,).
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        return apply_cfg(out, self.in_channels, self.guidance_channels, cfg_scale)

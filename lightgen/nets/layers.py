@@ -8,8 +8,8 @@ nets built from these blocks reproduce the official outputs:
 * :func:`get_2d_sincos_pos_embed` -- the MAE 2-D sin-cos table, computed in float64 numpy.
 * :class:`TimestepEmbedder` -- GLIDE sinusoidal features (cos first) followed by a 2-layer MLP.
 * :class:`LabelEmbedder` -- class table with an extra "null" row and label dropout for CFG.
-* :func:`apply_cfg` / :func:`resolve_guidance_channels` -- classifier-free guidance on a batch laid
-  out as ``[cond; uncond]``, with the official "first 3 channels only" behaviour as an option.
+* :class:`ClassConditional` -- ``null_class``, what classifier-free guidance needs of a net (the
+  guidance itself is :class:`lightgen.diffusion.guidance.Guider`).
 * :func:`unpatchify` -- (N, T, p*p*C) tokens of a square grid -> (N, C, H, W) image.
 * :func:`check_transformer_args` / :func:`check_net_inputs` (and the smaller checks they use) -- the
   constructor and ``forward`` validation shared by the nets, with one-sentence errors that start
@@ -28,7 +28,6 @@ from torch import nn
 __all__ = [
     "LabelEmbedder",
     "TimestepEmbedder",
-    "apply_cfg",
     "check_heads",
     "check_mlp_ratio_and_dropout",
     "check_net_inputs",
@@ -38,7 +37,7 @@ __all__ = [
     "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
     "modulate",
-    "resolve_guidance_channels",
+    "ClassConditional",
     "unpatchify",
 ]
 
@@ -171,74 +170,27 @@ class LabelEmbedder(nn.Module):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
 
+    @property
+    def null_class(self) -> int | None:
+        """The null (unconditional) label, or None when the table has no null row (no label dropout)."""
+        return self.num_classes if self.dropout_prob > 0 else None
+
+
+class ClassConditional:
+    """Mixin of the class-conditional nets (``self.y_embedder`` a :class:`LabelEmbedder`).
+
+    ``null_class`` is the label classifier-free guidance feeds for the unconditional half, or None
+    when the net was built without label dropout (then it cannot be guided).
+    """
+
+    @property
+    def null_class(self) -> int | None:
+        return self.y_embedder.null_class
+
 
 # ---------------------------------------------------------------------------------------------
-# Classifier-free guidance
+# Argument checks
 # ---------------------------------------------------------------------------------------------
-def resolve_guidance_channels(guidance_channels: int | str, in_channels: int, owner: str = "model") -> int:
-    """Validate ``guidance_channels`` (a positive int, or ``"all"``) and return the int.
-
-    The official DiT/MDT/DiffiT code guides only the first 3 channels of the eps prediction (an
-    artefact inherited from GLIDE's RGB pixels); ``"all"`` is the standard CFG on every channel.
-    Like the official slice ``eps[:, :3]``, an int larger than ``in_channels`` means every channel
-    (so the default 3 guides a 1-channel pixel-space model fully).
-    """
-    if isinstance(guidance_channels, str):
-        if guidance_channels.strip().lower() == "all":
-            return in_channels
-    elif isinstance(guidance_channels, (int, np.integer)) and not isinstance(guidance_channels, bool):
-        if int(guidance_channels) >= 1:
-            return min(int(guidance_channels), in_channels)
-    raise ValueError(
-        f"{owner}: guidance_channels={guidance_channels!r} is not valid for in_channels={in_channels}; "
-        f'use a positive integer (3 reproduces the official code) or "all" '
-        f"(e.g. model.guidance_channels=all)."
-    )
-
-
-def apply_cfg(
-    out: torch.Tensor,
-    in_channels: int,
-    guidance_channels: int | str,
-    scale: float | torch.Tensor,
-) -> torch.Tensor:
-    """Classifier-free guidance on a model output for a ``[cond; uncond]`` batch.
-
-    ``out`` is (N, C_out, ...) where the first ``N/2`` rows are conditional and the last ``N/2``
-    unconditional. On the first ``g`` channels (``g = resolve_guidance_channels(...)``, i.e. part of
-    the eps prediction) this returns ``uncond + scale * (cond - uncond)`` for both halves; every
-    other channel (remaining eps channels, learned-variance channels) passes through unguided, each
-    half keeping its own value -- exactly the official DiT ``forward_with_cfg``.
-
-    ``scale`` is a float, a 0-d tensor, or a per-sample tensor of shape (N/2,) or (N,); for (N,)
-    the first half (the conditional rows) is used, as in MDT's timestep-dependent schedule.
-    """
-    g = resolve_guidance_channels(guidance_channels, in_channels, owner="apply_cfg")
-    n = out.shape[0]
-    if n % 2:
-        raise ValueError(
-            f"apply_cfg: the batch must be [cond; uncond] halves, but it has an odd size {n}; "
-            "duplicate the inputs and append the null labels before calling it."
-        )
-    half = n // 2
-    if torch.is_tensor(scale) and scale.ndim > 0:
-        s = scale.reshape(-1)
-        if s.shape[0] == n:
-            s = s[:half]
-        elif s.shape[0] != half:
-            raise ValueError(
-                f"apply_cfg: a per-sample cfg scale must have shape ({half},) or ({n},) for a batch of "
-                f"{n}, got {tuple(scale.shape)}."
-            )
-        s = s.to(device=out.device, dtype=out.dtype).reshape(half, *([1] * (out.ndim - 1)))
-    else:
-        s = scale
-    eps, rest = out[:, :g], out[:, g:]
-    cond_eps, uncond_eps = eps[:half], eps[half:]
-    half_eps = uncond_eps + s * (cond_eps - uncond_eps)
-    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
-
 def check_positive_int(owner: str, name: str, value, hint: str = "") -> int:
     """Return ``value`` as an int, or raise one clear ValueError if it is not a positive integer."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:

@@ -25,9 +25,9 @@ initialisers consume the random stream as the official code does.
 The masking itself (which tokens a sample keeps) is drawn outside the net, by
 :class:`lightgen.masking.TokenMasking`; ``forward(x, t, y, mask=info)`` runs the masked pass with it.
 Differences from the official code, none of which changes a number: input validation with
-one-sentence errors, ``forward_with_cfg`` takes an already-scheduled (per-sample) guidance scale
-(lightgen's sampler computes MDT's power-cosine schedule, see :mod:`lightgen.diffusion.guidance`),
-``guidance_channels`` (3 = official), and optional activation checkpointing (off by default).
+one-sentence errors and optional activation checkpointing (off by default). Classifier-free
+guidance with MDT's power-cosine schedule (the official ``forward_with_cfg``) is
+:class:`lightgen.diffusion.guidance.Guider`.
 """
 
 from __future__ import annotations
@@ -42,15 +42,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .dit import DIT_CONFIGS, FinalLayer
 from .layers import (
+    ClassConditional,
     LabelEmbedder,
     TimestepEmbedder,
-    apply_cfg,
     check_net_inputs,
     check_positive_int,
     check_transformer_args,
     get_2d_sincos_pos_embed,
     modulate,
-    resolve_guidance_channels,
     unpatchify,
 )
 
@@ -179,7 +178,7 @@ class MDTBlock(nn.Module):
         return x
 
 
-class MDT(nn.Module):
+class MDT(ClassConditional, nn.Module):
     """Masked Diffusion Transformer, v1 or v2 (official sail-sg/MDT).
 
     ``forward(x, t, y)`` is the full pass: (N, in_channels, H, W) inputs, (N,) timesteps and labels
@@ -202,7 +201,6 @@ class MDT(nn.Module):
         mask_ratio: as official, only decides whether ``mask_token`` is trainable: ``None`` -> a
             frozen all-zero Parameter (the official sampling setting); a number -> trainable,
             ``normal(std=0.02)``. The ratio actually used comes from the masking info.
-        guidance_channels: channels guided by :meth:`forward_with_cfg` (3 = official, ``"all"``).
     """
 
     def __init__(
@@ -217,7 +215,6 @@ class MDT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
-        guidance_channels: int | str = 3,
         version: str = "v2",
         decode_layer: int | None = None,
         mask_ratio: float | None = None,
@@ -248,7 +245,6 @@ class MDT(nn.Module):
             )
         if mask_ratio is not None and (isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float))):
             raise ValueError(f"MDT: mask_ratio={mask_ratio!r} must be null or a number (e.g. model.mask_ratio=0.3).")
-        resolve_guidance_channels(guidance_channels, in_channels, owner="MDT")
         if version == "v2" and (depth - decode_layer) % 2:
             warnings.warn(
                 f"MDT v2: depth - decode_layer = {depth - decode_layer} is odd; as in the official code the "
@@ -267,7 +263,6 @@ class MDT(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = bool(learn_sigma)
         self.out_channels = in_channels * 2 if self.learn_sigma else in_channels
-        self.guidance_channels = guidance_channels
         self.decode_layer = decode_layer
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
         self.grad_checkpointing = False
@@ -298,6 +293,15 @@ class MDT(nn.Module):
         self.initialize_weights()
 
     # ------------------------------------------------------------------ structure
+    @property
+    def num_tokens(self) -> int:
+        """Latent tokens per sample, the length the masking permutes."""
+        return (self.input_size // self.patch_size) ** 2
+
+    def masked_pass_parameters(self) -> list[nn.Parameter]:
+        """The parameters only the masked pass trains (side-interpolater and mask token)."""
+        return [*self.sideblocks.parameters(), self.mask_token]
+
     def _all_blocks(self) -> list[MDTBlock]:
         if self.version == "v1":
             return [*self.blocks, *self.sideblocks]
@@ -425,20 +429,3 @@ class MDT(nn.Module):
                 x = self._run(blk, x, c, skip=input_skip)
         x = self.final_layer(x, c)  # (N, T, p*p*out_channels)
         return self.unpatchify(x)
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float | torch.Tensor | None
-    ) -> torch.Tensor:
-        """Batched classifier-free guidance on a ``[cond; uncond]`` batch (full passes only).
-
-        As DiT's: the first half of ``x`` is used for both halves; ``uncond + s * (cond - uncond)`` on
-        the first ``guidance_channels`` eps channels, duplicated to both halves. ``cfg_scale`` is a
-        float or a per-sample tensor (N/2,) or (N,) -- the official code computes its power-cosine
-        schedule inside this method; lightgen's sampler passes the scheduled scale instead. As
-        official, ``cfg_scale=None`` is a plain forward of the whole batch.
-        """
-        if cfg_scale is None:
-            return self.forward(x, t, y)
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        return apply_cfg(out, self.in_channels, self.guidance_channels, cfg_scale)

@@ -1,15 +1,17 @@
-"""Building objects from configs, with start-up errors reduced to one sentence."""
+"""Start-up: building objects from configs, errors reduced to one sentence, known warnings quieted."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import warnings
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.errors import LightgenConfigError, first_line
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -35,6 +37,17 @@ def startup_errors(prog: str):
         cause = root_cause(e)
         if not isinstance(cause, (LightgenConfigError, ValueError, FileNotFoundError)):
             raise
-        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {first_line(cause)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def quiet_known_warnings() -> None:
+    """Silence Lightning messages that do not apply to lightgen's design."""
+    for pattern in (
+        r".*module\(s\) in eval mode.*",  # the EMA copy is in eval mode on purpose
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*does not have many workers.*",  # in-memory datasets need none
+        r".*predict returned None.*",  # lightgen.sample writes its batches to disk
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)

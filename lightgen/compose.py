@@ -1,0 +1,96 @@
+"""One way to build a method from a config, for ``lightgen.train`` and ``lightgen.sample`` alike.
+
+The ``method`` group (``conf/method/*.yaml``) names the LightningModule and the parts it composes, each
+taken from its group by interpolation (``net: ${model}``, ``process: ${diffusion}``,
+``first_stage: ${first_stage}``, ``optimizer: ${optim.optimizer}``, ...). ``instantiate(cfg.method)``
+builds the parts in the order the config lists them (first stage, then net: that order fixes the
+initialisation's RNG stream) and the module around them; a checkpoint stores the resolved config, so
+:func:`method_from_checkpoint` rebuilds its run through the same call.
+
+Checkpoints written before the method group existed (their ``method`` node names no parts, their
+``diffusion`` is the ``create_diffusion`` factory, their nets took ``guidance_channels``) are upgraded on
+load by :func:`upgrade_config`, in memory: the file is never rewritten.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightgen.utils.checkpoints import load_checkpoint
+from lightgen.utils.errors import LightgenConfigError
+
+OLD_DIFFUSION_FACTORY = "lightgen.diffusion.create_diffusion"
+GAUSSIAN_PROCESS = "lightgen.diffusion.GaussianDiffusionProcess"
+NO_MASKING = "lightgen.masking.no_masking"
+
+
+def build_method(method_cfg: DictConfig, config: dict | None = None):
+    """The LightningModule of ``method_cfg`` with all its parts; ``config`` is stored in its checkpoints."""
+    if method_cfg is None or "_target_" not in method_cfg:
+        raise LightgenConfigError("the config has no method; select one (e.g. method=diffusion).")
+    module = instantiate(method_cfg)
+    module.config = config
+    return module
+
+
+def upgrade_config(config: dict) -> dict:
+    """A stored run config in today's layout (a copy; configs already in it come back unchanged).
+
+    * ``diffusion``: the old ``create_diffusion`` factory (``_partial_``) becomes the process it configured,
+      with the run's ``masking`` inside it;
+    * ``model.guidance_channels`` (nets no longer guide) moves to ``method.sampling.guidance_channels``;
+    * a ``method`` that names no parts gets them from the top-level groups, as the old builder passed them.
+    """
+    c = copy.deepcopy(config)
+    model = c.get("model") or {}
+    guidance_channels = model.pop("guidance_channels", None)
+    diffusion = c.get("diffusion")
+    if diffusion and diffusion.get("_target_") == OLD_DIFFUSION_FACTORY:
+        diffusion.pop("_partial_", None)
+        diffusion["_target_"] = GAUSSIAN_PROCESS
+        masking = dict(c.get("masking") or {})
+        diffusion["masking"] = masking if masking.get("_target_") else {"_target_": NO_MASKING, **masking}
+    method = c.get("method") or {}
+    if method.get("_target_") == "lightgen.methods.DiffusionModule" and "net" not in method:
+        method = {
+            "_target_": method["_target_"],
+            "first_stage": c.get("first_stage"),
+            "net": c.get("model"),
+            "process": c.get("diffusion"),
+            "optimizer": (c.get("optim") or {}).get("optimizer"),
+            "scheduler": (c.get("optim") or {}).get("scheduler"),
+            "ema_decay": method.get("ema_decay", 0.9999),
+            "seed": c.get("seed", 0),
+            "sampling": dict(method.get("sampling") or {}),
+        }
+    if method.get("net") is not None:
+        method["net"].pop("guidance_channels", None)
+    if guidance_channels is not None and "sampling" in method:
+        method["sampling"].setdefault("guidance_channels", guidance_channels)
+    c["method"] = method
+    return c
+
+
+def method_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the LightningModule of a lightgen run from its checkpoint: ``(module, cfg, ckpt)``.
+
+    The module is built from the stored config (upgraded when older) by :func:`build_method`, loaded
+    strictly, moved to ``device`` and put in eval mode.
+    """
+    ckpt = load_checkpoint(path, mmap=True)
+    config = (ckpt.get("lightgen") or {}).get("config")
+    if "state_dict" not in ckpt or not config:
+        raise LightgenConfigError(
+            f"{path} is not a lightgen training checkpoint (no stored run config); sample from a checkpoint "
+            f"written by lightgen.train (official DiT weights load through lightgen.convert)."
+        )
+    config = upgrade_config(config)
+    cfg = OmegaConf.create(config)
+    module = build_method(cfg.method, config=config)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    return module.to(device).eval(), cfg, ckpt

@@ -1,0 +1,156 @@
+"""Generative processes that own their loops: the interface every method's process implements.
+
+A process knows nothing of a net's class: it calls the net as ``net(x, t, **cond)`` and reads two
+documented attributes where it needs them (``null_class`` for guidance, ``num_tokens`` and
+``masked_pass_parameters()`` for MDT's masked pass). A LightningModule composes a net, a process, a
+first stage, EMA and an optimiser, and delegates to the process:
+
+* ``training_losses(net, x0, cond) -> (loss, terms)`` -- draws its own t (and mask), returns the loss
+  to optimise and a dict of scalar terms to log;
+* ``sample(net, shape, cond, guider, generator, ...) -> x0`` -- the whole sampling loop, with
+  classifier-free guidance supplied as a :class:`~lightgen.diffusion.guidance.Guider`.
+
+MaskGIT's and VQ-Diffusion's token processes implement the same two methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+from lightgen.diffusion import create_diffusion
+from lightgen.diffusion.guidance import Guider
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+class Process:
+    """Base of the generative processes (interface; see the module docstring)."""
+
+    num_timesteps: int = 1000
+    samplers: tuple[str, ...] = ()
+
+    def prepare_net(self, net) -> None:
+        """Check that ``net`` fits this process (one sentence if not) and set what training needs."""
+
+    def training_losses(self, net, x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def check_sampling(self, sampler: str, steps: int) -> None:
+        """Raise one sentence for sampling settings this process cannot run."""
+
+    def sample(self, net, shape, cond: dict, guider: Guider, generator=None, **settings) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GaussianDiffusionProcess(Process):
+    """ADM Gaussian diffusion as DiT, MDT and DiffiT train and sample it.
+
+    Training: ``t ~ U{0..T-1}`` per sample from the global RNG, the hybrid loss of
+    :meth:`GaussianDiffusion.training_losses`; with ``masking`` (MDT) a second, masked pass on the same
+    x0 and t with its own noise and label dropout, loss = mean(full) + mean(masked) (MDT's
+    ``forward_backward``), logged as ``loss/mse/vb`` (full pass) and ``m_loss/m_mse/m_vb`` (masked pass).
+    Sampling: respaced DDPM (``sampler="ddpm"``, ``steps`` e.g. 250) or DDIM (``"ddim"``, ``eta``), the
+    state doubled for guidance exactly as DiT's ``sample.py``.
+
+    Args: the ADM settings of :func:`~lightgen.diffusion.create_diffusion` (``noise_schedule``,
+    ``diffusion_steps``, ``learn_sigma``, ``sigma_small``, ``predict_xstart``, ``use_kl``,
+    ``rescale_learned_sigmas``, ``mse_loss_weighting``, ``min_snr_gamma``) and ``masking``
+    (:class:`lightgen.masking.TokenMasking` or None).
+    """
+
+    samplers = SAMPLERS
+
+    def __init__(self, masking=None, **adm_settings):
+        self.adm_settings = adm_settings
+        self.diffusion = create_diffusion("", **adm_settings)
+        self.num_timesteps = self.diffusion.num_timesteps
+        self.masking = masking
+        self._warn_unmasked = False
+
+    # -- training -------------------------------------------------------------------------------
+    def prepare_net(self, net) -> None:
+        masked = "mask" in inspect.signature(net.forward).parameters
+        if self.masking is not None and not masked:
+            name = getattr(self.masking, "name", None) or type(self.masking).__name__
+            raise ValueError(
+                f"masking={name} needs a net with a masked pass (MDT), but {type(net).__name__} has none; "
+                f"use masking=none or an MDT model (e.g. model=mdt_s)."
+            )
+        if self.masking is None and hasattr(net, "masked_pass_parameters"):
+            # The parameters only the masked pass uses get no gradient: frozen, so DDP (no unused-parameter
+            # search) and the optimiser skip them; the first training step says so.
+            for p in net.masked_pass_parameters():
+                p.requires_grad_(False)
+            self._warn_unmasked = True
+
+    def training_losses(self, net, x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self._warn_unmasked:
+            self._warn_unmasked = False
+            warnings.warn(
+                f"{type(net).__name__} without masking (masking=none) is plain DiT-style training: only the full "
+                "pass runs and the side-interpolater stays frozen; select masking=mdt_v2 (or mdt) for MDT's "
+                "masked pass.",
+                stacklevel=2,
+            )
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        terms = self.diffusion.training_losses(net, x0, t, model_kwargs=dict(cond))
+        loss = terms["loss"].mean()
+        logged = {k: v.mean() for k, v in terms.items() if k in ("loss", "mse", "vb")}
+        if self.masking is not None:
+            info = self.masking.sample(x0.shape[0], net.num_tokens, device=x0.device)
+            m_terms = self.diffusion.training_losses(net, x0, t, model_kwargs={**cond, "mask": info})
+            loss = loss + m_terms["loss"].mean()
+            logged.update({f"m_{k}": v.mean() for k, v in m_terms.items() if k in ("loss", "mse", "vb")})
+        return loss, logged
+
+    # -- sampling -------------------------------------------------------------------------------
+    def check_sampling(self, sampler: str, steps: int) -> None:
+        self.sampling_diffusion(sampler, steps)
+
+    def sampling_diffusion(self, sampler: str, steps: int):
+        """The respaced process of ``steps`` steps for ``sampler`` (one sentence for a bad sampler)."""
+        if sampler == "ddpm":
+            return create_diffusion(str(steps), **self.adm_settings)
+        if sampler == "ddim":
+            return create_diffusion(f"ddim{steps}", **self.adm_settings)
+        raise ValueError(f"sampler={sampler!r} is not a Gaussian-diffusion sampler; use ddpm or ddim.")
+
+    def sample(
+        self,
+        net,
+        shape,
+        cond: dict,
+        guider: Guider,
+        generator: torch.Generator | None = None,
+        sampler: str = "ddpm",
+        steps: int = 250,
+        eta: float = 0.0,
+        progress: bool = False,
+        device=None,
+    ) -> torch.Tensor:
+        """x0 of ``shape`` for ``cond``; all randomness from ``generator`` (a seed fixes the result)."""
+        diffusion = self.sampling_diffusion(sampler, steps)
+        device = torch.device(device) if device is not None else next(iter(cond.values())).device
+        noise_device = generator.device if generator is not None else device
+        noise = torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
+        if guider.enabled:
+            noise, cond = guider.double(net, noise, cond)
+            model = guider.paired_eps_model(net.forward)
+        else:
+            model = net.forward
+        kwargs = dict(
+            noise=noise,
+            clip_denoised=False,
+            model_kwargs=cond,
+            progress=progress,
+            generator=generator,
+            device=device,
+        )
+        if sampler == "ddim":
+            out = diffusion.ddim_sample_loop(model, noise.shape, eta=eta, **kwargs)
+        else:
+            out = diffusion.p_sample_loop(model, noise.shape, **kwargs)
+        return out[: shape[0]]
