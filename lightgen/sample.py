@@ -40,7 +40,7 @@ from rich.console import Console
 
 from lightgen.utils.checkpoints import load_checkpoint
 from lightgen.utils.errors import LightgenConfigError
-from lightgen.utils.images import save_grid, to_uint8
+from lightgen.utils.image_grids import save_grid, to_uint8
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.io import atomic_write
 from lightgen.utils.npz import NpzMember, write_npz_streaming

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightgen.utils.images import log_image_to_loggers, save_grid
+from lightgen.utils.image_grids import log_image_to_loggers, save_grid
 
 
 class SampleGrid(pl.Callback):
