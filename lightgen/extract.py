@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lightgen.data.shards import (
     DTYPE,
@@ -42,6 +41,7 @@ from lightgen.data.shards import (
 )
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import startup_errors
+from lightgen.utils.progress import progress_bar
 
 
 def dist_env() -> tuple[int, int]:
@@ -185,7 +185,7 @@ def extract_rank(
     )
     writer, shards, todo = _open_rank_output(out, rank, plan)
     first_stage = first_stage.to(device).eval()
-    with _progress_bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"extract r{rank}/{world_size}", total=sum(c for _, c in shards))
         for k, (start, count) in enumerate(shards):
             if k not in todo:
@@ -224,17 +224,6 @@ def _open_rank_output(out: Path, rank: int, plan: Mapping) -> tuple[ShardWriter,
     if todo:
         (out / MANIFEST).unlink(missing_ok=True)
     return writer, shards, todo
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    return Progress(*columns, disable=not enabled, transient=False)
 
 
 def extract(cfg: DictConfig) -> dict[str, Any]:
