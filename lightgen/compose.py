@@ -27,6 +27,25 @@ from lightgen.utils.errors import LightgenConfigError
 OLD_DIFFUSION_FACTORY = "lightgen.diffusion.create_diffusion"
 GAUSSIAN_PROCESS = "lightgen.diffusion.GaussianDiffusionProcess"
 NO_MASKING = "lightgen.masking.no_masking"
+# modules that moved: a stored `_target_` under an old path is read under the new one
+MOVED_MODULES = {
+    "lightgen.methods.schedules.": "lightgen.methods.lr_schedules.",
+    "lightgen.utils.checkpoint_io.": "lightgen.utils.checkpoints.",
+}
+
+
+def _renamed_targets(node):
+    if isinstance(node, dict):
+        out = {k: _renamed_targets(v) for k, v in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            for old, new in MOVED_MODULES.items():
+                if target.startswith(old):
+                    out["_target_"] = new + target[len(old) :]
+        return out
+    if isinstance(node, list):
+        return [_renamed_targets(v) for v in node]
+    return node
 
 
 def build_method(method_cfg: DictConfig, config: dict | None = None):
@@ -44,9 +63,10 @@ def upgrade_config(config: dict) -> dict:
     * ``diffusion``: the old ``create_diffusion`` factory (``_partial_``) becomes the process it configured,
       with the run's ``masking`` inside it;
     * ``model.guidance_channels`` (nets no longer guide) moves to ``method.sampling.guidance_channels``;
-    * a ``method`` that names no parts gets them from the top-level groups, as the old builder passed them.
+    * a ``method`` that names no parts gets them from the top-level groups, as the old builder passed them;
+    * ``_target_`` paths of modules that moved (``MOVED_MODULES``) point to their new place.
     """
-    c = copy.deepcopy(config)
+    c = _renamed_targets(copy.deepcopy(config))
     model = c.get("model") or {}
     guidance_channels = model.pop("guidance_channels", None)
     diffusion = c.get("diffusion")

@@ -48,7 +48,7 @@ def resolve_samples(path: str | Path) -> Path:
 
 def data_reference(cfg: DictConfig, extractor, console: Console, out: Path | None = None):
     """Reference statistics of ``cfg.data`` (``ref_num`` images, seeded subset), cached on disk."""
-    from lightgen.data.images import count_dataset, iter_dataset_images, reference_name
+    from lightgen.data.reference_images import count_dataset, iter_dataset_images, reference_name
     from lightgen.metrics import compute_reference, load_reference
 
     datamodule = instantiate(cfg.data)

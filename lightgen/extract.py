@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lightgen.data.shards import (
     DTYPE,
@@ -42,6 +41,7 @@ from lightgen.data.shards import (
 )
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import startup_errors
+from lightgen.utils.progress import progress_bar
 
 
 def dist_env() -> tuple[int, int]:
@@ -183,25 +183,10 @@ def extract_rank(
         source=source,
         num_classes=num_classes,
     )
-    check_out_dir(out, plan)  # before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, rank, plan)
-    writer.remove_stale_tmp()
-    shards = rank_shards(n, rank, world_size, shard_size)
-    todo = [k for k, (s, c) in enumerate(shards) if not writer.complete(k, s, c)]
-    if todo:
-        (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the last rank finalizes it
+    writer, shards, todo = _open_rank_output(out, rank, plan)
     first_stage = first_stage.to(device).eval()
-    total = sum(c for _, c in shards)
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"extract r{rank}/{world_size}", total=total)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"extract r{rank}/{world_size}", total=sum(c for _, c in shards))
         for k, (start, count) in enumerate(shards):
             if k not in todo:
                 bar.advance(task, count)
@@ -223,31 +208,31 @@ def extract_rank(
     return {"written": todo, "skipped": [k for k in range(len(shards)) if k not in todo], "manifest": manifest}
 
 
+def _open_rank_output(out: Path, rank: int, plan: Mapping) -> tuple[ShardWriter, list[tuple[int, int]], list[int]]:
+    """Check ``out`` against ``plan`` before anything is written; then the rank's writer, its shards
+    ``(start, count)`` and the indices of those still to do.
+
+    Leftover temporary files of the rank are removed; while any shard is to do, ``manifest.json`` is
+    removed too (the directory is incomplete until the last rank finalizes it).
+    """
+    check_out_dir(out, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, rank, plan)
+    writer.remove_stale_tmp()
+    shards = rank_shards(plan["num_samples"], rank, plan["world_size"], plan["shard_size"])
+    todo = [k for k, (s, c) in enumerate(shards) if not writer.complete(k, s, c)]
+    if todo:
+        (out / MANIFEST).unlink(missing_ok=True)
+    return writer, shards, todo
+
+
 def extract(cfg: DictConfig) -> dict[str, Any]:
     with startup_errors("lightgen.extract"):
         if cfg.get("out") in (None, "", "???"):
             raise LightgenConfigError("out=<directory> is required: where to write the latent shards.")
         rank, world = dist_env()
-        datamodule = instantiate(cfg.data)
-        if hasattr(datamodule, "check"):
-            datamodule.check()
-        first_stage = instantiate(cfg.first_stage)
-        datamodule.setup()
-        dataset = datamodule.dataset
-        if dataset is None or not hasattr(dataset, "__getitems__"):
-            raise LightgenConfigError(
-                f"data={cfg.data.get('_target_')} has no image dataset to extract from; use an image DataModule."
-            )
-        device = cfg.get("device", "auto")
-        if device == "auto":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        datamodule, dataset, first_stage = _build_inputs(cfg)
         fs_config = OmegaConf.to_container(cfg.first_stage, resolve=True)
-        data_config = OmegaConf.to_container(cfg.data, resolve=True)
-        source = {
-            "target": data_config.get("_target_"),
-            "num_samples": len(dataset),
-            **{k: data_config[k] for k in ("split", "image_size", "channels", "num_classes") if k in data_config},
-        }
         kwargs = dict(
             rank=rank,
             world_size=world,
@@ -255,9 +240,9 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
             shard_size=int(cfg.shard_size),
             batch_size=int(cfg.batch_size),
             seed=int(cfg.seed),
-            device=device,
+            device=_device(cfg.get("device", "auto")),
             first_stage_config=fs_config,
-            source=source,
+            source=_source(OmegaConf.to_container(cfg.data, resolve=True), len(dataset)),
             num_classes=getattr(datamodule, "num_classes", None),
             progress=bool(cfg.get("progress", True)),
         )
@@ -275,12 +260,47 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
             ),
         )
     result = extract_rank(dataset, first_stage, cfg.out, **kwargs)
-    name = first_stage_target(fs_config)
+    _print_summary(result, len(dataset), first_stage_target(fs_config), cfg.out, rank)
+    return result
+
+
+def _build_inputs(cfg: DictConfig) -> tuple[Any, Any, torch.nn.Module]:
+    """The DataModule (checked), its dataset (set up, with ``__getitems__``) and the first stage."""
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "check"):
+        datamodule.check()
+    first_stage = instantiate(cfg.first_stage)
+    datamodule.setup()
+    dataset = datamodule.dataset
+    if dataset is None or not hasattr(dataset, "__getitems__"):
+        raise LightgenConfigError(
+            f"data={cfg.data.get('_target_')} has no image dataset to extract from; use an image DataModule."
+        )
+    return datamodule, dataset, first_stage
+
+
+def _device(device: str) -> str:
+    """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if device == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _source(data_config: Mapping, num_samples: int) -> dict[str, Any]:
+    """What the manifest records of the images the latents come from."""
+    return {
+        "target": data_config.get("_target_"),
+        "num_samples": num_samples,
+        **{k: data_config[k] for k in ("split", "image_size", "channels", "num_classes") if k in data_config},
+    }
+
+
+def _print_summary(result: Mapping, num_samples: int, first_stage_name: str, out, rank: int) -> None:
     if result["manifest"] is not None:
         print(
-            f"lightgen.extract: {len(dataset)} samples encoded by {name} in {cfg.out} "
+            f"lightgen.extract: {num_samples} samples encoded by {first_stage_name} in {out} "
             f"({len(result['written'])} shards written, {len(result['skipped'])} already complete); "
-            f"train with data=latents data.path={cfg.out}",
+            f"train with data=latents data.path={out}",
             flush=True,
         )
     else:
@@ -289,7 +309,6 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
             f"{len(result['skipped'])} already complete); the last rank to finish writes {MANIFEST}",
             flush=True,
         )
-    return result
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")

@@ -28,7 +28,7 @@ from omegaconf import ListConfig
 
 from lightgen.diffusion.guidance import check_guidance_schedule
 from lightgen.utils.errors import LightgenConfigError
-from lightgen.utils.images import save_grid, to_uint8
+from lightgen.utils.image_grids import save_grid, to_uint8
 from lightgen.utils.io import atomic_write
 from lightgen.utils.npz import NpzMember, write_npz_streaming
 

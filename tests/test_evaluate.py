@@ -11,7 +11,7 @@ import torch
 from conftest import SMOKE, compose, run_cli
 
 from lightgen.callbacks.fid import metric_name
-from lightgen.data.images import iter_dataset_images, reference_name
+from lightgen.data.reference_images import iter_dataset_images, reference_name
 from lightgen.metrics.weights import package_file
 
 needs_inception = pytest.mark.skipif(

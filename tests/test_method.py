@@ -12,10 +12,9 @@ from lightgen.diffusion import GaussianDiffusionProcess, create_diffusion
 from lightgen.first_stage import IdentityFirstStage
 from lightgen.methods import DiffusionModule
 from lightgen.methods.ema import make_ema, update_ema
-from lightgen.methods.schedules import warmup_cosine
+from lightgen.methods.lr_schedules import warmup_cosine
 from lightgen.nets.dit import DiT
-from lightgen.utils.checkpoint_io import AtomicCheckpointIO
-from lightgen.utils.checkpoints import find_resume_checkpoint
+from lightgen.utils.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 
 
 def tiny_net(**kw):

@@ -20,7 +20,7 @@ from lightgen import sampling
 from lightgen.callbacks.fid import FIDCallback
 from lightgen.callbacks.sample_grid import SampleGrid
 from lightgen.compose import method_from_checkpoint, upgrade_config
-from lightgen.utils.images import to_uint8
+from lightgen.utils.image_grids import to_uint8
 
 OLD = Path(__file__).parent / "data" / "pre_refactor_mdt"
 
@@ -115,6 +115,8 @@ def test_an_old_checkpoint_config_is_upgraded_in_memory():
     assert new["method"]["process"]["masking"]["_target_"] == "lightgen.masking.TokenMasking"
     assert "guidance_channels" not in new["method"]["net"] and new["method"]["sampling"]["guidance_channels"] == 3
     assert upgrade_config(new) == new, "a config in today's layout comes back unchanged"
+    moved = upgrade_config({**old, "optim": {"scheduler": {"_target_": "lightgen.methods.schedules.warmup_cosine"}}})
+    assert moved["method"]["scheduler"]["_target_"] == "lightgen.methods.lr_schedules.warmup_cosine"
     assert "net" not in old["method"], "the stored config is not modified"
 
 

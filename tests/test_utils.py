@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightgen.utils.images import make_grid_array, to_uint8
+from lightgen.utils.image_grids import make_grid_array, to_uint8
 from lightgen.utils.plots import plot_curves, smooth
 
 

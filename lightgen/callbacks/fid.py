@@ -11,7 +11,7 @@ import torch
 
 from lightgen.sampling import draw_batch, make_labels, rank_batches
 from lightgen.utils.errors import LightgenConfigError
-from lightgen.utils.images import log_image_to_loggers, save_grid, to_uint8
+from lightgen.utils.image_grids import log_image_to_loggers, save_grid, to_uint8
 
 
 def metric_name(num_samples: int) -> str:
@@ -106,7 +106,7 @@ class FIDCallback(pl.Callback):
         if self.ref != "data":
             self._ref_stats = load_reference(self.ref, extractor=self.extractor(device), progress=False).pool
             return self._ref_stats
-        from lightgen.data.images import count_dataset, iter_dataset_images, reference_name
+        from lightgen.data.reference_images import count_dataset, iter_dataset_images, reference_name
 
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "setup"):

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightgen.sampling import draw_batch
-from lightgen.utils.images import log_image_to_loggers, save_grid
+from lightgen.utils.image_grids import log_image_to_loggers, save_grid
 
 
 class SampleGrid(pl.Callback):

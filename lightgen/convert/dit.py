@@ -29,15 +29,6 @@ from torch import nn
 
 from lightgen.nets.dit import DIT_CONFIGS
 
-__all__ = [
-    "diffusers_dit_kwargs",
-    "dit_to_diffusers_state_dict",
-    "extract_dit_state_dict",
-    "infer_dit_config",
-    "load_official_dit",
-    "match_official_timestep_embedding",
-]
-
 _REQUIRED_KEYS = (
     "pos_embed",
     "x_embedder.proj.weight",

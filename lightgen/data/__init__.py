@@ -1,4 +1,4 @@
-from lightgen.data.base import ArrayImageDataset, ImageArrayDataModule
+from lightgen.data.base import ArrayImageDataset, IndexedDataModule
 from lightgen.data.fashion_mnist import FashionMNISTDataModule
 from lightgen.data.imagenet import ImageFolderDataModule, center_crop_arr
 from lightgen.data.latents import LatentDataModule, LatentShardDataset
@@ -7,7 +7,7 @@ from lightgen.data.synthetic import SyntheticDataModule, make_synthetic_images
 
 __all__ = [
     "ArrayImageDataset",
-    "ImageArrayDataModule",
+    "IndexedDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "center_crop_arr",

@@ -1,4 +1,9 @@
-"""In-memory image DataModules: uint8 arrays in, ``{"image": [-1, 1] floats, "label": long}`` out."""
+"""The base of every lightgen DataModule, and the in-memory image dataset of the small ones.
+
+``IndexedDataModule`` streams any indexable dataset (``__getitems__(indices)`` -> a dict of batched
+tensors) through :class:`InfiniteBatchSampler`; ``ArrayImageDataset`` holds uint8 arrays in memory and
+yields ``{"image": [-1, 1] floats, "label": long}``.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +43,15 @@ def _identity_collate(batch):
     return batch
 
 
-class ImageArrayDataModule(pl.LightningDataModule):
-    """Base for datasets that fit in memory. Subclasses implement ``check()`` and ``load()``.
+class IndexedDataModule(pl.LightningDataModule):
+    """Base of the DataModules: a resumable, rank-sharded, infinite stream over an indexable dataset.
+
+    ``self.dataset`` is any dataset with ``__len__`` and ``__getitems__(indices)`` returning a dict of
+    batched tensors; index ``i + N`` asks for item ``i`` flipped (the sampler's flip bit). The default
+    ``setup()`` holds the uint8 arrays returned by ``load()`` in memory (:class:`ArrayImageDataset`:
+    Fashion-MNIST, synthetic); subclasses reading from disk override ``setup()`` instead (image
+    folders decode on access, latent shards are memory-mapped). ``check()`` validates the data
+    before anything is built (default: nothing to check).
 
     ``batch_size`` is the global batch: each of W ranks gets ``batch_size / W``. The train loader
     is infinite and starts at the trainer's global step, so resuming continues the same stream.
@@ -65,13 +77,14 @@ class ImageArrayDataModule(pl.LightningDataModule):
         self.channels = channels
         self.num_classes = num_classes
         self.shuffle = shuffle
-        self.dataset: ArrayImageDataset | None = None
+        self.dataset = None  # built by setup()
 
     # -- subclasses ------------------------------------------------------------------------
     def check(self) -> None:
         """Raise LightgenConfigError (one sentence) if the data cannot be found or is wrong."""
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (N, C, H, W) and labels (N,) for the default, in-memory ``setup()``."""
         raise NotImplementedError
 
     # -- Lightning -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightgen.data.base import ImageArrayDataModule
+from lightgen.data.base import IndexedDataModule
 from lightgen.utils.errors import LightgenConfigError
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -91,7 +91,7 @@ def download(root: str | Path) -> None:
             os.replace(tmp, target)
 
 
-class FashionMNISTDataModule(ImageArrayDataModule):
+class FashionMNISTDataModule(IndexedDataModule):
     """Fashion-MNIST, padded with black to ``image_size`` (32), labels kept, values in [-1, 1]."""
 
     def __init__(

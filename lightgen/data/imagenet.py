@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightgen.data.base import ImageArrayDataModule
+from lightgen.data.base import IndexedDataModule
 from lightgen.utils.errors import LightgenConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -71,7 +71,7 @@ class ImageFolderDataset:
         return {"image": torch.stack(images), "label": self.labels[base]}
 
 
-class ImageFolderDataModule(ImageArrayDataModule):
+class ImageFolderDataModule(IndexedDataModule):
     """ImageNet (or any ImageFolder tree): ``data=imagenet data.root=/path/to/train``.
 
     Same resumable, rank-sharded infinite stream as the other DataModules; random horizontal flips

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightgen.data.base import ImageArrayDataModule
+from lightgen.data.base import IndexedDataModule
 from lightgen.data.shards import shard_shape, verify
 from lightgen.utils.errors import LightgenConfigError
 
@@ -101,7 +101,7 @@ class LatentShardDataset(Dataset):
         return {k: v[0] for k, v in out.items()}
 
 
-class LatentDataModule(ImageArrayDataModule):
+class LatentDataModule(IndexedDataModule):
     """Pre-extracted latents from ``path`` (written by ``python -m lightgen.extract``).
 
     Args:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightgen.data.base import ImageArrayDataModule
+from lightgen.data.base import IndexedDataModule
 
 
 def make_synthetic_images(num_samples: int, image_size: int, channels: int, num_classes: int, seed: int = 0):
@@ -25,7 +25,7 @@ def make_synthetic_images(num_samples: int, image_size: int, channels: int, num_
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
-class SyntheticDataModule(ImageArrayDataModule):
+class SyntheticDataModule(IndexedDataModule):
     def __init__(self, num_samples: int = 256, **kwargs):
         super().__init__(**kwargs)
         self.num_samples = num_samples

@@ -6,6 +6,7 @@ sampling ``create_diffusion("250")`` (250 respaced steps, the model still sees s
 
 from __future__ import annotations
 
+from lightgen.diffusion.beta_schedules import SCHEDULE_NAMES, betas_for_alpha_bar, get_named_beta_schedule
 from lightgen.diffusion.gaussian import (
     GaussianDiffusion,
     LossType,
@@ -13,16 +14,13 @@ from lightgen.diffusion.gaussian import (
     ModelVarType,
     parse_mse_loss_weighting,
 )
-from lightgen.diffusion.respace import SpacedDiffusion, space_timesteps
-from lightgen.diffusion.schedules import (
-    SCHEDULE_NAMES,
+from lightgen.diffusion.likelihood import (
     approx_standard_normal_cdf,
-    betas_for_alpha_bar,
     discretized_gaussian_log_likelihood,
-    get_named_beta_schedule,
     mean_flat,
     normal_kl,
 )
+from lightgen.diffusion.respace import SpacedDiffusion, space_timesteps
 
 __all__ = [
     "GaussianDiffusion",

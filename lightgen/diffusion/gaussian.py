@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from lightgen.diffusion.schedules import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from lightgen.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[..., torch.Tensor]
 

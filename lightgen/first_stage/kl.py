@@ -243,13 +243,10 @@ class SmallKLAutoencoder(nn.Module):
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load an AutoencoderModule checkpoint (keys ``net.*``) or a plain state dict of this class."""
-        from lightgen.utils.checkpoints import load_checkpoint
+        from lightgen.utils.checkpoints import load_checkpoint, net_state_dict
 
         ckpt = load_checkpoint(path, mmap=False)
-        if "state_dict" in ckpt:
-            state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        else:
-            state = ckpt
+        state = net_state_dict(ckpt) if "state_dict" in ckpt else ckpt
         try:
             self.load_state_dict(state, strict=True)
         except RuntimeError as e:

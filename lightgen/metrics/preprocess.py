@@ -66,7 +66,7 @@ def to_nchw_uint8(images) -> torch.Tensor:
     if x.dtype != torch.uint8:
         raise LightgenConfigError(
             f"Inception features take uint8 images in [0, 255], got {x.dtype}; quantise first "
-            "(e.g. lightgen.utils.images.to_uint8 for [-1, 1] floats), exactly as the saved samples will be."
+            "(e.g. lightgen.utils.image_grids.to_uint8 for [-1, 1] floats), exactly as the saved samples will be."
         )
     if x.ndim == 3:
         x = x.unsqueeze(-1)

@@ -1,13 +1,36 @@
-"""Finding and checking checkpoints before a run starts."""
+"""Checkpoint files: writing them atomically, reading, finding the one to resume, checking them.
+
+The callback deciding *when* to save (``StepCheckpoint``) is in ``lightgen.callbacks.step_checkpoint``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.io import atomic_write
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``<name>.tmp`` in the same directory, fsync, then rename over the target.
+
+    A crash or kill mid-write leaves the previous checkpoint intact; a rename is atomic on POSIX.
+    Remote paths (s3://, gs://) fall back to Lightning's default writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        protocols = get_filesystem(path).protocol
+        if "file" not in (protocols if isinstance(protocols, tuple) else (protocols,)):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: str | Path, mmap: bool = True) -> dict:
@@ -20,6 +43,11 @@ def load_checkpoint(path: str | Path, mmap: bool = True) -> dict:
         raise LightgenConfigError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated."
         ) from e
+
+
+def net_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The trained network's weights in a lightgen training checkpoint: keys ``net.*``, prefix dropped."""
+    return {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
@@ -48,7 +76,7 @@ def check_checkpoint_matches(ckpt: dict, net: nn.Module, path: str | Path, model
             f"{path} is not a lightgen training checkpoint (no 'state_dict'); official weights are imported "
             f"with lightgen.convert, and ckpt_path takes checkpoints written by lightgen.train."
         )
-    theirs = {k[4:]: v.shape for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    theirs = {k: v.shape for k, v in net_state_dict(ckpt).items()}
     ours = {k: v.shape for k, v in net.state_dict().items()}
     if theirs != ours:
         saved_cfg = ((ckpt.get("lightgen") or {}).get("config") or {}).get("model")

@@ -1,4 +1,4 @@
-"""Saving image grids and sample archives; sending them to loggers."""
+"""Generated images out: [-1, 1] floats to uint8, tiled into PNG grids, sent to loggers."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class StepCheckpoint(pl.Callback):
 
     ``last.ckpt`` is refreshed every ``last_every_n_steps`` (default: ``every_n_train_steps``) and at
     the end, so a preempted or re-run job resumes from it. Writes are atomic (see
-    :class:`lightgen.utils.checkpoint_io.AtomicCheckpointIO`): a kill mid-write never corrupts an
+    :class:`lightgen.utils.checkpoints.AtomicCheckpointIO`): a kill mid-write never corrupts an
     existing checkpoint.
     """
 
