@@ -3,7 +3,8 @@
 Reference: sail-sg/MDT ``masked_diffusion/models.py`` (``main`` = MDTv2, ``mdtv1`` branch = MDT v1)
 and ``train_util.py:TrainLoop.forward_backward``. The reference functions below re-derive the
 official forward pass step by step (repeat + gather for the masked bias, the official block order)
-from the same weights, so a wiring mistake in lightgen's implementation shows up as a mismatch.
+with plain torch ops on the state_dict tensors (official names), never through lightgen's modules, so a
+wiring mistake in lightgen's implementation, shared layers included, shows up as a mismatch.
 """
 
 from __future__ import annotations
@@ -54,35 +55,60 @@ def _inputs(n=4, seed=1, net: MDT | None = None):
 # ---------------------------------------------------------------------------------------------
 # Re-derivation of the official forward pass (the reference the net is compared with)
 # ---------------------------------------------------------------------------------------------
-def _ref_attention(attn, x, ids_keep=None):
+# Everything below is computed with plain torch ops from the state_dict tensors under their official
+# names (sail-sg/MDT models.py); nothing calls into lightgen's modules, so a mistake in a shared
+# piece (patch embedding, timestep features, label table, final layer, unpatchify, relative-bias
+# index) shows up as a mismatch instead of being reproduced by the reference.
+def _ref_linear(sd, name, x):
+    return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+
+def _ref_ln(x):
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # elementwise_affine=False
+
+
+def _ref_timestep_features(t, dim=256, max_period=10000.0):
+    """GLIDE's sinusoidal features, cos half first: cos(t * f_i), sin(t * f_i), f_i = P^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(max_period) / half))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+def _ref_rel_index(side):
+    """BEiT's relative position index of a side x side grid, token pairs enumerated row-major."""
+    pos = [(i, j) for i in range(side) for j in range(side)]
+    idx = [[(a[0] - b[0] + side - 1) * (2 * side - 1) + (a[1] - b[1] + side - 1) for b in pos] for a in pos]
+    return torch.tensor(idx)
+
+
+def _ref_attention(sd, name, x, num_heads, side, ids_keep=None):
     b, n, c = x.shape
-    h = attn.num_heads
-    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    logits = (q @ k.transpose(-2, -1)) * (c // h) ** -0.5
-    rpb = attn.rel_pos_bias
-    t = rpb.window_size[0] * rpb.window_size[1]
-    bias = rpb.relative_position_bias_table[rpb.relative_position_index.view(-1)].view(t, t, -1).permute(2, 0, 1)
+    h, d = num_heads, c // num_heads
+    q, k, v = _ref_linear(sd, f"{name}.qkv", x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) * d**-0.5
+    table = sd[f"{name}.rel_pos_bias.relative_position_bias_table"]  # (rows, heads)
+    idx = _ref_rel_index(side)
+    t = side * side
+    bias = table[idx.reshape(-1)].reshape(t, t, h).permute(2, 0, 1)  # (heads, T, T)
     if ids_keep is not None:  # official get_masked_rel_bias: repeat per sample, gather rows then columns
         bias = bias.unsqueeze(0).repeat(b, 1, 1, 1)
         kk = ids_keep.shape[1]
         bias = torch.gather(bias, 2, ids_keep[:, None, :, None].repeat(1, h, 1, t))
         bias = torch.gather(bias, 3, ids_keep[:, None, None, :].repeat(1, h, kk, 1))
     probs = (logits + bias).softmax(dim=-1)
-    return F.linear((probs @ v).transpose(1, 2).reshape(b, n, c), attn.proj.weight, attn.proj.bias)
+    return _ref_linear(sd, f"{name}.proj", (probs @ v).transpose(1, 2).reshape(b, n, c))
 
 
-def _ref_block(blk, x, c, skip=None, ids_keep=None):
+def _ref_block(sd, name, x, c, num_heads, side, skip=None, ids_keep=None):
     if skip is not None:
-        x = F.linear(torch.cat([x, skip], dim=-1), blk.skip_linear.weight, blk.skip_linear.bias)
-    mod = F.linear(F.silu(c), blk.adaLN_modulation[1].weight, blk.adaLN_modulation[1].bias)
-    s1, sc1, g1, s2, sc2, g2 = mod.chunk(6, dim=1)
-    d = x.shape[-1]
-    h = F.layer_norm(x, (d,), eps=1e-6) * (1 + sc1[:, None]) + s1[:, None]
-    x = x + g1[:, None] * _ref_attention(blk.attn, h, ids_keep)
-    h = F.layer_norm(x, (d,), eps=1e-6) * (1 + sc2[:, None]) + s2[:, None]
-    h = F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias), approximate="tanh"), blk.mlp.fc2.weight)
-    return x + g2[:, None] * (h + blk.mlp.fc2.bias)
+        x = _ref_linear(sd, f"{name}.skip_linear", torch.cat([x, skip], dim=-1))
+    s1, sc1, g1, s2, sc2, g2 = _ref_linear(sd, f"{name}.adaLN_modulation.1", F.silu(c)).chunk(6, dim=1)
+    h = _ref_ln(x) * (1 + sc1[:, None]) + s1[:, None]
+    x = x + g1[:, None] * _ref_attention(sd, f"{name}.attn", h, num_heads, side, ids_keep)
+    h = _ref_ln(x) * (1 + sc2[:, None]) + s2[:, None]
+    h = _ref_linear(sd, f"{name}.mlp.fc2", F.gelu(_ref_linear(sd, f"{name}.mlp.fc1", h), approximate="tanh"))
+    return x + g2[:, None] * h
 
 
 def _ref_random_masking(n, length, ratio):
@@ -96,10 +122,17 @@ def _ref_random_masking(n, length, ratio):
     return ids_shuffle[:, :len_keep], ids_restore, torch.gather(mask, 1, ids_restore)
 
 
-def _ref_forward(net: MDT, x, t, y, masked=None):
-    """Official MDT / MDTv2 ``forward`` (eval mode) with the given (ids_keep, ids_restore, mask)."""
-    x = net.x_embedder(x) + net.pos_embed
-    c = net.t_embedder(t) + net.y_embedder(y, False)
+def _ref_forward(sd, x, t, y, *, version, num_heads, decode_layer, masked=None):
+    """Official MDT / MDTv2 ``forward`` (eval mode) from a state_dict, with the given (ids_keep, ids_restore, mask)."""
+    sd = {k: v.detach() for k, v in sd.items()}
+    n_blocks = lambda prefix: len({k.split(".")[1] for k in sd if k.startswith(prefix + ".")})  # noqa: E731
+    w = sd["x_embedder.proj.weight"]  # (D, C, p, p): a stride-p convolution, tokens row-major
+    p = w.shape[-1]
+    x = F.conv2d(x, w, sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2) + sd["pos_embed"]
+    t_emb = _ref_linear(sd, "t_embedder.mlp.2", F.silu(_ref_linear(sd, "t_embedder.mlp.0", _ref_timestep_features(t))))
+    c = t_emb + sd["y_embedder.embedding_table.weight"][y]
+    side = int(round(x.shape[1] ** 0.5))  # the token grid
+    block = lambda name, h, **kw: _ref_block(sd, name, h, c, num_heads, side, **kw)  # noqa: E731
     input_skip = x
     ids_keep = None
     if masked is not None:
@@ -108,30 +141,37 @@ def _ref_forward(net: MDT, x, t, y, masked=None):
 
     def interpolate(x):
         if masked is None:
-            return x + net.decoder_pos_embed
-        fill = net.mask_token.repeat(x.shape[0], ids_restore.shape[1] - x.shape[1], 1)
+            return x + sd["decoder_pos_embed"]
+        fill = sd["mask_token"].repeat(x.shape[0], ids_restore.shape[1] - x.shape[1], 1)
         x = torch.gather(torch.cat([x, fill], 1), 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = x + net.decoder_pos_embed
+        x = x + sd["decoder_pos_embed"]
         before = x
-        x = _ref_block(net.sideblocks[0], x, c)
+        x = block("sideblocks.0", x)
         return x * mask.unsqueeze(-1) + (1 - mask.unsqueeze(-1)) * before
 
-    if net.version == "v1":
-        for i, blk in enumerate(net.blocks):
-            if i == len(net.blocks) - net.decode_layer:
+    if version == "v1":
+        depth = n_blocks("blocks")
+        for i in range(depth):
+            if i == depth - decode_layer:
                 x, ids_keep = interpolate(x), None
-            x = _ref_block(blk, x, c, ids_keep=ids_keep)
+            x = block(f"blocks.{i}", x, ids_keep=ids_keep)
     else:
         skips = []
-        for blk in net.en_inblocks:
-            x = _ref_block(blk, x, c, ids_keep=ids_keep)
+        for i in range(n_blocks("en_inblocks")):
+            x = block(f"en_inblocks.{i}", x, ids_keep=ids_keep)
             skips.append(x)
-        for blk in net.en_outblocks:
-            x = _ref_block(blk, x, c, skip=skips.pop(), ids_keep=ids_keep)
+        for i in range(n_blocks("en_outblocks")):
+            x = block(f"en_outblocks.{i}", x, skip=skips.pop(), ids_keep=ids_keep)
         x = interpolate(x)
-        for blk in net.de_blocks:
-            x = _ref_block(blk, x, c, skip=input_skip)
-    return net.unpatchify(net.final_layer(x, c))
+        for i in range(n_blocks("de_blocks")):
+            x = block(f"de_blocks.{i}", x, skip=input_skip)
+    shift, scale = _ref_linear(sd, "final_layer.adaLN_modulation.1", F.silu(c)).chunk(2, dim=1)
+    x = _ref_linear(sd, "final_layer.linear", _ref_ln(x) * (1 + scale[:, None]) + shift[:, None])
+    # unpatchify: token (i, j) holds its p x p patch as (row, column, channel)
+    nb = x.shape[0]
+    out_c = x.shape[-1] // (p * p)
+    x = x.reshape(nb, side, side, p, p, out_c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(nb, out_c, side * p, side * p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,14 +341,21 @@ def test_official_initialisation():
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_full_and_masked_pass_match_the_official_algorithm(version):
+    """The net against the official forward recomputed from its state_dict alone (no lightgen module is called)."""
     net = _tiny(version)
     x, t, y = _inputs(3, net=net)
+    sd = net.state_dict()
+
+    def ref(x, t, y, masked=None):
+        return _ref_forward(sd, x, t, y, version=version, num_heads=TINY["num_heads"], decode_layer=2, masked=masked)
+
     with torch.no_grad():
-        torch.testing.assert_close(net(x, t, y), _ref_forward(net, x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(x, t, y), ref(x, t, y), rtol=1e-5, atol=1e-5)
         info = TokenMasking(0.3, 0.2).sample(3, 16, generator=torch.Generator().manual_seed(4))
         out = net(x, t, y, mask=info)
-        ref = _ref_forward(net, x, t, y, masked=(info.ids_keep, info.ids_restore, info.mask))
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out, ref(x, t, y, masked=(info.ids_keep, info.ids_restore, info.mask)), rtol=1e-5, atol=1e-5
+        )
         assert not torch.allclose(out, net(x, t, y), atol=1e-3)
 
 

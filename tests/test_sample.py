@@ -75,8 +75,11 @@ def test_streaming_npz_equals_np_savez(tmp_path):
 # -- the CLI ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke_ckpt(tmp_path_factory):
+    """4 steps at lr 1e-2 with EMA decay 0.5: unlike DiT's defaults after 4 steps (an EMA still at the
+    zero-initialised output layers), net and EMA both give label-dependent outputs and differ from each
+    other, so samples depend on the labels, the weights and the guidance."""
     run = tmp_path_factory.mktemp("smoke_sample_run")
-    run_cli("train", *SMOKE, f"hydra.run.dir={run}")
+    run_cli("train", *SMOKE, "optim.optimizer.lr=1e-2", "method.ema_decay=0.5", f"hydra.run.dir={run}")
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -95,12 +98,28 @@ def _sample(ckpt, out, *extra, check=True):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_samples_as_one(smoke_ckpt, tmp_path):
-    _sample(smoke_ckpt, tmp_path / "one")
-    _sample(smoke_ckpt, tmp_path / "two", "trainer=ddp_cpu")
+    """Guided (cfg 4) samples of a trained EMA: 2 processes write the same npz as 1, labels included.
+
+    The checkpoint's EMA is far from the zero init and from the net, and one sample per label is checked
+    to change with the label, so one rank using other labels, the raw net or no guidance would show.
+    """
+    sd = torch.load(smoke_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    k = "final_layer.linear.weight"
+    assert sd[f"ema.{k}"].abs().max() > 1e-3 and (sd[f"ema.{k}"] - sd[f"net.{k}"]).abs().max() > 1e-3
+    _sample(smoke_ckpt, tmp_path / "one", "cfg_scale=4.0")
+    _sample(smoke_ckpt, tmp_path / "two", "cfg_scale=4.0", "trainer=ddp_cpu")
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert a["arr_0"].shape == (10, 32, 32, 1) and a["arr_0"].dtype == np.uint8 and a["arr_1"].dtype == np.int64
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    np.testing.assert_array_equal(a["arr_1"], make_labels("balanced", 10, 10, seed=0).numpy())
+    assert len({x.tobytes() for x in a["arr_0"]}) == 10, "every sample is different"
+    # batch 0 again with every label set to sample 0's: the same noise, so only the relabelled samples change
+    c = int(a["arr_1"][0])
+    _sample(smoke_ckpt, tmp_path / "relabelled", "cfg_scale=4.0", "num_samples=4", f"labels=[{c}]")
+    r = np.load(tmp_path / "relabelled" / "samples.npz")["arr_0"]
+    same = [bool(np.array_equal(r[i], a["arr_0"][i])) for i in range(4)]
+    assert same == [bool(a["arr_1"][i] == c) for i in range(4)], (same, a["arr_1"][:4])
     info = json.loads((tmp_path / "two" / "sample_info.json").read_text())
     assert info["world_size"] == 2 and info["num_samples"] == 10 and info["batch_size"] == 4
     assert not (tmp_path / "two" / ".parts").exists(), "parts are removed once merged"
@@ -137,7 +156,7 @@ def test_resume_samples_only_missing_batches_and_other_settings_are_refused(smok
 def test_power_cosine_changes_sampling_and_bad_schedules_fail(smoke_ckpt, tmp_path):
     from lightgen.compose import method_from_checkpoint
 
-    module, _, _ = method_from_checkpoint(smoke_ckpt)  # the raw net: after 4 steps the EMA is still the zero init
+    module, _, _ = method_from_checkpoint(smoke_ckpt)
     y = torch.tensor([1, 2])
 
     def gen(**kw):

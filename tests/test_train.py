@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,26 +77,131 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path):
     assert steps == list(range(8)), "metrics.csv is appended to on resume, not replaced"
 
 
-def test_explicit_ckpt_path_resumes(smoke_run, tmp_path):
-    run = tmp_path / "fromckpt"
+def test_explicit_ckpt_path_resumes_where_the_checkpoint_left_off(smoke_run, tmp_path):
+    """A fresh run directory with ckpt_path=<step 4 of smoke_run>, trained to step 6, is bit for bit
+    smoke_run's config trained 6 steps in one go (net, EMA, AdamW moments).
+
+    The resumed run is launched with ``seed=1`` (the data stream's seed pinned to 0): everything it
+    continues with must come from the checkpoint, and a run that ignored ckpt_path would start at step 0
+    from seed 1's initialisation, i.e. log steps 0..5 and end on other weights.
+    """
+    straight, run = tmp_path / "straight", tmp_path / "fromckpt"
+    run_cli("train", *SMOKE, "trainer.max_steps=6", f"hydra.run.dir={straight}")
+    ckpt = smoke_run / "checkpoints" / "step_0000004.ckpt"
+    run_cli(
+        "train", *SMOKE, "trainer.max_steps=6", "seed=1", "data.seed=0", f"ckpt_path={ckpt}", f"hydra.run.dir={run}"
+    )
+    a, b = _ckpt(straight), _ckpt(run)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    start = _ckpt(smoke_run, "step_0000004.ckpt")["state_dict"]
+    assert not torch.equal(start["net.blocks.0.attn.qkv.weight"], b["state_dict"]["net.blocks.0.attn.qkv.weight"])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert sorted({int(r["step"]) for r in rows if r.get("train/loss")}) == [4, 5], "training starts at step 4"
+
+
+def test_ema_follows_its_closed_form_during_training(tmp_path):
+    """With decay d the checkpointed EMA after step k is d * EMA_{k-1} + (1 - d) * net_k (DiT's
+    update after every optimiser step), so it moves every step, lags the net, and equals neither."""
+    run = tmp_path / "ema"
     run_cli(
         "train",
         *SMOKE,
-        "trainer.max_steps=6",
-        f"ckpt_path={smoke_run / 'checkpoints' / 'step_0000004.ckpt'}",
+        "trainer.max_steps=3",
+        "method.ema_decay=0.5",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "callbacks.sample_grid=null",
         f"hydra.run.dir={run}",
     )
-    assert _ckpt(run)["global_step"] == 6
+    sd = [_ckpt(run, f"step_{k:07d}.ckpt")["state_dict"] for k in (1, 2, 3)]
+    names = [k[len("net.") :] for k in sd[0] if k.startswith("net.")]
+    moved = 0
+    for k in (1, 2):
+        for n in names:
+            net, ema, prev = sd[k][f"net.{n}"], sd[k][f"ema.{n}"], sd[k - 1][f"ema.{n}"]
+            torch.testing.assert_close(ema, 0.5 * prev + 0.5 * net, rtol=0, atol=1e-7, msg=f"step {k + 1}: {n}")
+            moved += not torch.equal(ema, prev)
+    # the closed form is not vacuous: most tensors moved (41 of the 2 x 32 here; adaLN-Zero keeps the
+    # attention and MLP weights of step 1 without gradient, DiT's pos_embed is frozen)
+    assert moved > len(names), moved
+    k = "final_layer.linear.weight"  # zero at init: after 3 steps the EMA is off zero, and behind the net
+    assert sd[2][f"ema.{k}"].abs().max() > 1e-5 and (sd[2][f"ema.{k}"] - sd[2][f"net.{k}"]).abs().max() > 1e-5
 
 
-def test_ddp_cpu_two_processes(tmp_path):
-    run = tmp_path / "ddp"
-    run_cli("train", *SMOKE, "trainer=ddp_cpu", "data.batch_size=8", f"hydra.run.dir={run}", timeout=900)
-    ckpt = _ckpt(run)
-    assert ckpt["global_step"] == 4
-    assert len(ckpt["lightgen"]["rng_states"]) == 2, "one RNG state per rank"
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert any(r.get("train/loss") for r in rows)
+PROBE = [
+    *SMOKE,
+    "diffusion._target_=lightgen_test_probes.per_sample_noise_process",  # noise per sample, not per rank
+    "model.class_dropout_prob=0",  # label dropout draws from the rank's RNG: off
+    "callbacks.sample_grid=null",  # (no null class to guide with)
+    "method.ema_decay=0.5",  # an EMA that moves measurably in 4 steps
+    "data.batch_size=8",  # the global batch: 8 on one process, 4 + 4 on two
+]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory) -> tuple[Path, Path]:
+    from lightgen_test_probes import PROBES_ENV
+
+    root = tmp_path_factory.mktemp("ddp")
+    for name, extra in (("one", []), ("two", ["trainer=ddp_cpu"])):
+        run = root / name
+        run_cli(
+            "train", *PROBE, *extra, f"+diffusion.loss_log={run / 'losses'}", f"hydra.run.dir={run}", env=PROBES_ENV
+        )
+    return root / "one", root / "two"
+
+
+def _logged(run: Path, key: str) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get(key)}
+
+
+def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(one_and_two_processes):
+    """1 process with batch 8 == 2 DDP processes with 4 + 4 (gradients all-reduced), after 4 steps.
+
+    lightgen draws the diffusion noise per rank (seed * W + r), so by design a 1- and a 2-process run of
+    the plain method differ; the probe process (tests/lightgen_test_probes.py) draws each sample's t and
+    noise from the sample itself, leaving only the sharding of the global batch, the gradient averaging,
+    AdamW and the EMA to differ -- which must not change the result beyond the order of float sums.
+    Tolerance atol 1e-6 on net and EMA; measured max differences 1.5e-8 (net) and 3.7e-9 (EMA), while
+    both move ~2e-4 between steps 2 and 4. Losses and gradient norms per step agree to rel 1e-5.
+    """
+    one, two = one_and_two_processes
+    a, b = _ckpt(one), _ckpt(two)
+    assert a["global_step"] == b["global_step"] == 4
+    assert len(a["lightgen"]["rng_states"]) == 1 and len(b["lightgen"]["rng_states"]) == 2, "one RNG state per rank"
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+    mid = _ckpt(one, "step_0000002.ckpt")["state_dict"]
+    for prefix in ("net.", "ema."):
+        moved = max((a["state_dict"][k] - mid[k]).abs().max().item() for k in a["state_dict"] if k.startswith(prefix))
+        assert moved > 1e-5, f"{prefix} barely moved between steps 2 and 4 ({moved}): the comparison says nothing"
+    # the gradient norm is logged after the all-reduce: a sum instead of a mean would double it
+    for key in ("train/loss", "train/grad_norm"):
+        la, lb = _logged(one, key), _logged(two, key)
+        assert sorted(la) == sorted(lb) == [0, 1, 2, 3], key
+        for step in la:
+            assert lb[step] == pytest.approx(la[step], rel=1e-5), (key, step)
+
+
+def test_logged_losses_are_the_mean_over_ranks(one_and_two_processes):
+    """metrics.csv of a 2-process run holds, each step, the mean of the two ranks' batch losses
+    (recorded by the probe process on each rank), not rank 0's own."""
+    _, two = one_and_two_processes
+    per_rank = []
+    for r in (0, 1):
+        lines = (two / "losses" / f"rank{r}.jsonl").read_text().splitlines()
+        per_rank.append({d["step"]: d["loss"] for d in map(json.loads, lines)})
+    logged = _logged(two, "train/loss")
+    assert sorted(logged) == sorted(per_rank[0]) == sorted(per_rank[1]) == [0, 1, 2, 3]
+    for step, value in logged.items():
+        l0, l1 = per_rank[0][step], per_rank[1][step]
+        assert abs(l0 - l1) > 1e-3, "the ranks saw the same loss: the check says nothing"
+        assert value == pytest.approx((l0 + l1) / 2, rel=1e-6, abs=1e-7), (step, value, l0, l1)
 
 
 def _sample(smoke_run, out, *extra):
