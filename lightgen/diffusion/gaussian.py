@@ -112,6 +112,14 @@ def _descending_steps(num_steps: int, progress: bool, description: str) -> Itera
     yield from track(steps, description=description, total=num_steps, transient=True)
 
 
+def _last_sample(outputs: Iterator[dict]) -> torch.Tensor:
+    """Run a progressive sampling loop to its end; the ``"sample"`` of its last step."""
+    final = None
+    for out in outputs:
+        final = out
+    return final["sample"]
+
+
 class GaussianDiffusion:
     """ADM's Gaussian diffusion process over ``len(betas)`` steps.
 
@@ -491,12 +499,11 @@ class GaussianDiffusion:
         All randomness (the initial noise when ``noise`` is None, and the per-step noise) comes from
         ``generator`` when given, so a seed fixes the result.
         """
-        final = None
-        for out in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator
-        ):
-            final = out
-        return final["sample"]
+        return _last_sample(
+            self.p_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator
+            )
+        )
 
     def ddim_sample_loop_progressive(
         self,
@@ -531,12 +538,11 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """DDIM sampling over every step of this process (eta=0: deterministic); returns x_0."""
-        final = None
-        for out in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta, generator
-        ):
-            final = out
-        return final["sample"]
+        return _last_sample(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta, generator
+            )
+        )
 
     # ------------------------------------------------------------------------------------------
     # losses

@@ -14,8 +14,12 @@ from .layers import (
     divisor_hint,
     get_1d_sincos_pos_embed_from_grid,
     get_2d_sincos_pos_embed,
+    init_embedders,
+    init_linears_xavier,
     modulate,
+    sincos_pos_embed,
     unpatchify,
+    zero_init,
 )
 from .mdt import MDT, MDT_CONFIGS, MDTAttention, MDTBlock, RelativePositionBias
 
@@ -48,6 +52,10 @@ __all__ = [
     "divisor_hint",
     "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
+    "init_embedders",
+    "init_linears_xavier",
     "modulate",
+    "sincos_pos_embed",
     "unpatchify",
+    "zero_init",
 ]

@@ -52,8 +52,11 @@ from .layers import (
     check_positive_int,
     check_transformer_args,
     divisor_hint,
-    get_2d_sincos_pos_embed,
+    init_embedders,
+    init_linears_xavier,
+    sincos_pos_embed,
     unpatchify,
+    zero_init,
 )
 
 __all__ = [
@@ -300,25 +303,11 @@ class DiffiT(ClassConditional, nn.Module):
         projections included) with zero bias, fixed sin-cos ``pos_embed``, patch embedding xavier on
         the flattened kernel, label table and timestep MLP N(0, 0.02), final linear zero. The bias
         tables keep their trunc-normal(0.02) draw from construction."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        pos = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
+        init_linears_xavier(self)
         with torch.no_grad():
-            self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+            self.pos_embed.copy_(sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size))
+        init_embedders(self.t_embedder, self.y_embedder, self.x_embedder)
+        zero_init(self.final_layer.linear)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C_out) tokens -> (N, C_out, H, W) (square token grid)."""
@@ -387,6 +376,73 @@ class DiffiTResBlock(nn.Module):
         return x + window_reverse(tokens, b, height, width)
 
 
+_UNET = "DiffiTUNet"
+
+
+def _check_channel_mult(channel_mult) -> list[int]:
+    """``channel_mult`` as a non-empty list of positive ints (one per resolution), or one clear error."""
+    if isinstance(channel_mult, (str, bytes)) or not isinstance(channel_mult, Sequence) or not channel_mult:
+        raise ValueError(
+            f"{_UNET}: channel_mult={channel_mult!r} must be a non-empty list of positive integers "
+            "(e.g. model.channel_mult=[1,2,2,2])."
+        )
+    return [
+        check_positive_int(_UNET, "channel_mult entry", m, "e.g. model.channel_mult=[1,2,2,2].") for m in channel_mult
+    ]
+
+
+def _check_num_res_blocks(num_res_blocks, stages: int) -> list[int]:
+    """ResBlocks per resolution: one positive int for all ``stages``, or one per resolution."""
+    if isinstance(num_res_blocks, Sequence) and not isinstance(num_res_blocks, (str, bytes)):
+        blocks = [check_positive_int(_UNET, "num_res_blocks entry", n) for n in num_res_blocks]
+        if len(blocks) != stages:
+            raise ValueError(
+                f"{_UNET}: num_res_blocks has {len(blocks)} entries but channel_mult has {stages} resolutions; "
+                "give one count per resolution or a single integer (e.g. model.num_res_blocks=2)."
+            )
+        return blocks
+    return [check_positive_int(_UNET, "num_res_blocks", num_res_blocks)] * stages
+
+
+def _check_level_widths(input_size: int, base_channels: int, mults: list[int], num_heads: int, norm_groups: int):
+    """The width of each resolution, ``base_channels * mult``, after checking that the input can be
+    halved once per extra resolution and that the heads and the norm groups divide every width."""
+    stages = len(mults)
+    if input_size % 2 ** (stages - 1):
+        raise ValueError(
+            f"{_UNET}: input_size={input_size} cannot be halved {stages - 1} times for the {stages} resolutions "
+            f"of channel_mult={mults}; use fewer resolutions or an input size divisible by {2 ** (stages - 1)}."
+        )
+    widths = [base_channels * m for m in mults]
+    for width in widths:
+        check_heads(_UNET, width, num_heads, what="stage width")
+        if width % norm_groups:
+            hint = divisor_hint(base_channels, (32, 16, 8, 4, 2))
+            raise ValueError(
+                f"{_UNET}: stage width {width} is not divisible by norm_groups={norm_groups}; choose a group "
+                f"count that divides every width (e.g. model.norm_groups={hint})."
+            )
+    return widths
+
+
+def _attention_windows(resolutions: list[int], window_size) -> list[int]:
+    """Attention window side per resolution: the whole map (``window_size=None``) or
+    ``min(window_size, resolution)``, which must divide the map."""
+    if window_size is None:
+        return list(resolutions)
+    window_size = check_positive_int(
+        _UNET, "window_size", window_size, "set e.g. model.window_size=8, or null for global attention."
+    )
+    windows = [min(window_size, r) for r in resolutions]
+    for r, w in zip(resolutions, windows):
+        if r % w:
+            raise ValueError(
+                f"{_UNET}: window_size={window_size} does not divide the {r}x{r} feature map; choose a "
+                "power of two (e.g. model.window_size=8) or null for global attention."
+            )
+    return windows
+
+
 class DiffiTUNet(ClassConditional, nn.Module):
     """Image-space DiffiT: a U-shaped encoder/decoder of DiffiT ResBlocks (paper Sec. 3.2.1, Fig. 4).
 
@@ -437,60 +493,18 @@ class DiffiTUNet(ClassConditional, nn.Module):
         time_in_attention: bool = True,
     ):
         super().__init__()
-        owner = "DiffiTUNet"
+        owner = _UNET
         input_size = check_positive_int(owner, "input_size", input_size)
         in_channels = check_positive_int(owner, "in_channels", in_channels)
         num_classes = check_positive_int(owner, "num_classes", num_classes)
         base_channels = check_positive_int(owner, "base_channels", base_channels)
         num_heads = check_positive_int(owner, "num_heads", num_heads)
         norm_groups = check_positive_int(owner, "norm_groups", norm_groups)
-        if isinstance(channel_mult, (str, bytes)) or not isinstance(channel_mult, Sequence) or not channel_mult:
-            raise ValueError(
-                f"{owner}: channel_mult={channel_mult!r} must be a non-empty list of positive integers "
-                "(e.g. model.channel_mult=[1,2,2,2])."
-            )
-        mults = [
-            check_positive_int(owner, "channel_mult entry", m, "e.g. model.channel_mult=[1,2,2,2].")
-            for m in channel_mult
-        ]
-        stages = len(mults)
-        if isinstance(num_res_blocks, Sequence) and not isinstance(num_res_blocks, (str, bytes)):
-            blocks = [check_positive_int(owner, "num_res_blocks entry", n) for n in num_res_blocks]
-            if len(blocks) != stages:
-                raise ValueError(
-                    f"{owner}: num_res_blocks has {len(blocks)} entries but channel_mult has {stages} resolutions; "
-                    "give one count per resolution or a single integer (e.g. model.num_res_blocks=2)."
-                )
-        else:
-            blocks = [check_positive_int(owner, "num_res_blocks", num_res_blocks)] * stages
-        if input_size % 2 ** (stages - 1):
-            raise ValueError(
-                f"{owner}: input_size={input_size} cannot be halved {stages - 1} times for the {stages} resolutions "
-                f"of channel_mult={mults}; use fewer resolutions or an input size divisible by {2 ** (stages - 1)}."
-            )
-        widths = [base_channels * m for m in mults]
-        for width in widths:
-            check_heads(owner, width, num_heads, what="stage width")
-            if width % norm_groups:
-                hint = divisor_hint(base_channels, (32, 16, 8, 4, 2))
-                raise ValueError(
-                    f"{owner}: stage width {width} is not divisible by norm_groups={norm_groups}; choose a group "
-                    f"count that divides every width (e.g. model.norm_groups={hint})."
-                )
-        resolutions = [input_size // 2**i for i in range(stages)]
-        if window_size is None:
-            windows = list(resolutions)
-        else:
-            window_size = check_positive_int(
-                owner, "window_size", window_size, "set e.g. model.window_size=8, or null for global attention."
-            )
-            windows = [min(window_size, r) for r in resolutions]
-            for r, w in zip(resolutions, windows):
-                if r % w:
-                    raise ValueError(
-                        f"{owner}: window_size={window_size} does not divide the {r}x{r} feature map; choose a "
-                        "power of two (e.g. model.window_size=8) or null for global attention."
-                    )
+        mults = _check_channel_mult(channel_mult)
+        blocks = _check_num_res_blocks(num_res_blocks, len(mults))
+        widths = _check_level_widths(input_size, base_channels, mults, num_heads, norm_groups)
+        resolutions = [input_size // 2**i for i in range(len(mults))]
+        windows = _attention_windows(resolutions, window_size)
         temb_dim = 4 * base_channels if time_embed_dim is None else time_embed_dim
         temb_dim = check_positive_int(owner, "time_embed_dim", temb_dim)
         check_mlp_ratio_and_dropout(owner, mlp_ratio, class_dropout_prob)
@@ -508,25 +522,10 @@ class DiffiTUNet(ClassConditional, nn.Module):
         self.time_embed_dim = temb_dim
         self.grad_checkpointing = False
 
-        def res_blocks(i: int) -> nn.ModuleList:
-            return nn.ModuleList(
-                DiffiTResBlock(
-                    widths[i], num_heads, windows[i], temb_dim, mlp_ratio, norm_groups, self.time_in_attention
-                )
-                for _ in range(blocks[i])
-            )
-
         self.t_embedder = TimestepEmbedder(temb_dim)
         self.y_embedder = LabelEmbedder(num_classes, temb_dim, float(class_dropout_prob))
         self.tokenizer = nn.Conv2d(in_channels, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(res_blocks(i) for i in range(stages))
-        self.downsamples = nn.ModuleList(
-            nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1) for i in range(stages - 1)
-        )
-        # Decoder modules are indexed by resolution (entry i works at resolution i, i = 0 .. S-2).
-        self.upsamples = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1) for i in range(stages - 1))
-        self.skip_projs = nn.ModuleList(nn.Conv2d(2 * widths[i], widths[i], 1) for i in range(stages - 1))
-        self.up_blocks = nn.ModuleList(res_blocks(i) for i in range(stages - 1))
+        self._build_levels(num_heads, mlp_ratio, norm_groups)
         self.head = nn.Sequential(
             nn.GroupNorm(norm_groups, widths[0], eps=1e-6),
             nn.SiLU(),
@@ -534,19 +533,30 @@ class DiffiTUNet(ClassConditional, nn.Module):
         )
         self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
+    def _build_levels(self, num_heads: int, mlp_ratio: float, norm_groups: int) -> None:
+        """The resolution levels, encoder then decoder: ``down_blocks`` (L ResBlocks at each of the S
+        resolutions) and the S-1 ``downsamples``; then, indexed by resolution (entry i works at
+        resolution i, i = 0 .. S-2), ``upsamples``, ``skip_projs`` and ``up_blocks``."""
+        widths, stages = self.channels, len(self.channels)
 
-        self.apply(_basic_init)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.constant_(self.head[-1].weight, 0)
-        nn.init.constant_(self.head[-1].bias, 0)
+        def res_blocks(i: int) -> nn.ModuleList:
+            args = (widths[i], num_heads, self.windows[i], self.time_embed_dim, mlp_ratio, norm_groups)
+            return nn.ModuleList(DiffiTResBlock(*args, self.time_in_attention) for _ in range(self.num_res_blocks[i]))
+
+        self.down_blocks = nn.ModuleList(res_blocks(i) for i in range(stages))
+        self.downsamples = nn.ModuleList(
+            nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1) for i in range(stages - 1)
+        )
+        self.upsamples = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1) for i in range(stages - 1))
+        self.skip_projs = nn.ModuleList(nn.Conv2d(2 * widths[i], widths[i], 1) for i in range(stages - 1))
+        self.up_blocks = nn.ModuleList(res_blocks(i) for i in range(stages - 1))
+
+    def initialize_weights(self) -> None:
+        """As the latent model (without patch embedding and ``pos_embed``); convolutions keep
+        PyTorch's default init, the head's last conv is zeroed."""
+        init_linears_xavier(self)
+        init_embedders(self.t_embedder, self.y_embedder)
+        zero_init(self.head[-1])
 
     def _run(self, blocks: nn.ModuleList, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()

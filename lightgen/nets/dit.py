@@ -22,9 +22,12 @@ from .layers import (
     TimestepEmbedder,
     check_net_inputs,
     check_transformer_args,
-    get_2d_sincos_pos_embed,
+    init_embedders,
+    init_linears_xavier,
     modulate,
+    sincos_pos_embed,
     unpatchify,
+    zero_init,
 )
 
 __all__ = ["DIT_CONFIGS", "DiT", "DiTBlock", "FinalLayer", "dit_config"]
@@ -150,38 +153,16 @@ class DiT(ClassConditional, nn.Module):
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
-        """Official initialisation, in the official order (the order fixes the RNG stream)."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-
-        grid = self.input_size // self.patch_size
-        pos = get_2d_sincos_pos_embed(self.hidden_size, grid)
+        """Official initialisation, in the official order (the order fixes the RNG stream): xavier
+        Linears, the sin-cos ``pos_embed``, the embedders (patch embedding like a Linear on the
+        flattened C*p*p input), then adaLN-Zero."""
+        init_linears_xavier(self)
         with torch.no_grad():
-            self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-
-        # Patch embedding initialised like an nn.Linear on the flattened (C*p*p) input.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
+            self.pos_embed.copy_(sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size))
+        init_embedders(self.t_embedder, self.y_embedder, self.x_embedder)
         # adaLN-Zero: every block starts as the identity, the output starts at exactly 0.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        final = self.final_layer
+        zero_init(*(block.adaLN_modulation[-1] for block in self.blocks), final.adaLN_modulation[-1], final.linear)
 
     # ------------------------------------------------------------------ shapes
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

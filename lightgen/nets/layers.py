@@ -10,6 +10,9 @@ nets built from these blocks reproduce the official outputs:
 * :class:`LabelEmbedder` -- class table with an extra "null" row and label dropout for CFG.
 * :class:`ClassConditional` -- ``null_class``, what classifier-free guidance needs of a net (the
   guidance itself is :class:`lightgen.diffusion.guidance.Guider`).
+* :func:`init_linears_xavier`, :func:`sincos_pos_embed`, :func:`init_embedders`, :func:`zero_init` --
+  the pieces of the official ``initialize_weights`` every net repeats (each net still lists its own
+  initialisation, in its own order: the order fixes the random stream).
 * :func:`unpatchify` -- (N, T, p*p*C) tokens of a square grid -> (N, C, H, W) image.
 * :func:`check_transformer_args` / :func:`check_net_inputs` (and the smaller checks they use) -- the
   constructor and ``forward`` validation shared by the nets, with one-sentence errors that start
@@ -36,9 +39,13 @@ __all__ = [
     "divisor_hint",
     "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
+    "init_embedders",
+    "init_linears_xavier",
     "modulate",
     "ClassConditional",
+    "sincos_pos_embed",
     "unpatchify",
+    "zero_init",
 ]
 
 
@@ -186,6 +193,52 @@ class ClassConditional:
     @property
     def null_class(self) -> int | None:
         return self.y_embedder.null_class
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation (the pieces of the official ``initialize_weights``)
+# ---------------------------------------------------------------------------------------------
+def init_linears_xavier(module: nn.Module) -> None:
+    """The official ``_basic_init``: every ``nn.Linear`` in ``module`` (in ``module.apply`` order)
+    gets a xavier-uniform weight and a zero bias."""
+
+    def _basic_init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+
+    module.apply(_basic_init)
+
+
+def sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int]) -> torch.Tensor:
+    """:func:`get_2d_sincos_pos_embed` as the (1, H*W, embed_dim) float32 tensor a ``pos_embed`` holds."""
+    return torch.from_numpy(get_2d_sincos_pos_embed(embed_dim, grid_size)).float().unsqueeze(0)
+
+
+def init_embedders(
+    t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder, x_embedder: nn.Module | None = None
+) -> None:
+    """The official embedder initialisation, in the official order.
+
+    First the patch embedding (a timm ``PatchEmbed``, when given) like an ``nn.Linear`` on the
+    flattened ``C*p*p`` input: xavier-uniform kernel, zero bias; then the label table and the two
+    linears of the timestep MLP, each ``normal(std=0.02)``.
+    """
+    if x_embedder is not None:
+        w = x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(x_embedder.proj.bias, 0)
+    nn.init.normal_(y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+
+
+def zero_init(*modules: nn.Module) -> None:
+    """Set the weight and the bias of each module to 0 (adaLN-Zero modulations, zero-initialised heads)."""
+    for module in modules:
+        nn.init.constant_(module.weight, 0)
+        nn.init.constant_(module.bias, 0)
 
 
 # ---------------------------------------------------------------------------------------------

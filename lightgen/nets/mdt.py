@@ -48,9 +48,12 @@ from .layers import (
     check_net_inputs,
     check_positive_int,
     check_transformer_args,
-    get_2d_sincos_pos_embed,
+    init_embedders,
+    init_linears_xavier,
     modulate,
+    sincos_pos_embed,
     unpatchify,
+    zero_init,
 )
 
 __all__ = [
@@ -178,6 +181,35 @@ class MDTBlock(nn.Module):
         return x
 
 
+def _check_mdt_args(version, decode_layer, mask_ratio, depth: int) -> tuple[str, int]:
+    """Check MDT's own constructor arguments; return the normalised ``(version, decode_layer)``.
+
+    ``decode_layer=None`` becomes the version's default (capped at ``depth``). Warns (at the
+    caller of ``MDT(...)``) when v2 leaves an odd number of encoder blocks, one of which is dropped.
+    """
+    version = str(version).strip().lower()
+    if version not in MDT_DEFAULT_DECODE_LAYER:
+        raise ValueError(f"MDT: version={version!r} is not an MDT version; use model.version=v2 (MDTv2) or v1.")
+    if decode_layer is None:
+        decode_layer = min(MDT_DEFAULT_DECODE_LAYER[version], depth)
+    decode_layer = check_positive_int("MDT", "decode_layer", decode_layer)
+    if decode_layer > depth:
+        raise ValueError(
+            f"MDT: decode_layer={decode_layer} exceeds depth={depth}; the decoder is part of the "
+            f"{depth} blocks (e.g. model.decode_layer={min(MDT_DEFAULT_DECODE_LAYER[version], depth)})."
+        )
+    if mask_ratio is not None and (isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float))):
+        raise ValueError(f"MDT: mask_ratio={mask_ratio!r} must be null or a number (e.g. model.mask_ratio=0.3).")
+    if version == "v2" and (depth - decode_layer) % 2:
+        warnings.warn(
+            f"MDT v2: depth - decode_layer = {depth - decode_layer} is odd; as in the official code the "
+            f"encoder gets {(depth - decode_layer) // 2} + {(depth - decode_layer) // 2} blocks and one "
+            "block of the depth is not built.",
+            stacklevel=3,  # the caller of MDT(...)
+        )
+    return version, decode_layer
+
+
 class MDT(ClassConditional, nn.Module):
     """Masked Diffusion Transformer, v1 or v2 (official sail-sg/MDT).
 
@@ -232,27 +264,7 @@ class MDT(ClassConditional, nn.Module):
             mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob,
         )
-        version = str(version).strip().lower()
-        if version not in MDT_DEFAULT_DECODE_LAYER:
-            raise ValueError(f"MDT: version={version!r} is not an MDT version; use model.version=v2 (MDTv2) or v1.")
-        if decode_layer is None:
-            decode_layer = min(MDT_DEFAULT_DECODE_LAYER[version], depth)
-        decode_layer = check_positive_int("MDT", "decode_layer", decode_layer)
-        if decode_layer > depth:
-            raise ValueError(
-                f"MDT: decode_layer={decode_layer} exceeds depth={depth}; the decoder is part of the "
-                f"{depth} blocks (e.g. model.decode_layer={min(MDT_DEFAULT_DECODE_LAYER[version], depth)})."
-            )
-        if mask_ratio is not None and (isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float))):
-            raise ValueError(f"MDT: mask_ratio={mask_ratio!r} must be null or a number (e.g. model.mask_ratio=0.3).")
-        if version == "v2" and (depth - decode_layer) % 2:
-            warnings.warn(
-                f"MDT v2: depth - decode_layer = {depth - decode_layer} is odd; as in the official code the "
-                f"encoder gets {(depth - decode_layer) // 2} + {(depth - decode_layer) // 2} blocks and one "
-                "block of the depth is not built.",
-                stacklevel=2,
-            )
-
+        version, decode_layer = _check_mdt_args(version, decode_layer, mask_ratio, depth)
         self.version = version
         self.input_size = input_size
         self.patch_size = patch_size
@@ -275,18 +287,7 @@ class MDT(ClassConditional, nn.Module):
         self.num_patches = num_patches
         # Learnable in MDT (frozen in DiT), sin-cos initialised.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=True)
-
-        def block(skip: bool = False) -> MDTBlock:
-            return MDTBlock(hidden_size, num_heads, num_patches, mlp_ratio=mlp_ratio, skip=skip)
-
-        if version == "v1":
-            self.blocks = nn.ModuleList([block() for _ in range(depth)])
-        else:
-            half = (depth - decode_layer) // 2
-            self.en_inblocks = nn.ModuleList([block() for _ in range(half)])
-            self.en_outblocks = nn.ModuleList([block(skip=True) for _ in range(half)])
-            self.de_blocks = nn.ModuleList([block(skip=True) for _ in range(decode_layer)])
-        self.sideblocks = nn.ModuleList([block() for _ in range(1)])
+        self._build_blocks(mlp_ratio)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.mask_ratio is not None)
@@ -302,42 +303,40 @@ class MDT(ClassConditional, nn.Module):
         """The parameters only the masked pass trains (side-interpolater and mask token)."""
         return [*self.sideblocks.parameters(), self.mask_token]
 
+    def _build_blocks(self, mlp_ratio: float) -> None:
+        """The transformer blocks in the official order: v1's ``blocks`` (encoder and decoder in one
+        list) or v2's ``en_inblocks``, ``en_outblocks`` and ``de_blocks``; then the side-interpolater's
+        one block (``sideblocks``)."""
+
+        def block(skip: bool = False) -> MDTBlock:
+            return MDTBlock(self.hidden_size, self.num_heads, self.num_patches, mlp_ratio=mlp_ratio, skip=skip)
+
+        if self.version == "v1":
+            self.blocks = nn.ModuleList([block() for _ in range(self.depth)])
+        else:
+            half = (self.depth - self.decode_layer) // 2
+            self.en_inblocks = nn.ModuleList([block() for _ in range(half)])
+            self.en_outblocks = nn.ModuleList([block(skip=True) for _ in range(half)])
+            self.de_blocks = nn.ModuleList([block(skip=True) for _ in range(self.decode_layer)])
+        self.sideblocks = nn.ModuleList([block() for _ in range(1)])
+
     def _all_blocks(self) -> list[MDTBlock]:
         if self.version == "v1":
             return [*self.blocks, *self.sideblocks]
         return [*self.en_inblocks, *self.en_outblocks, *self.de_blocks, *self.sideblocks]
 
     def initialize_weights(self) -> None:
-        """Official initialisation, in the official order (the order fixes the RNG stream)."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):  # incl. qkv, proj, mlp, adaLN, skip_linear
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        grid = self.input_size // self.patch_size
-        pos = torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, grid)).float().unsqueeze(0)
+        """Official initialisation, in the official order (the order fixes the RNG stream), as DiT's
+        plus the second sin-cos table and the mask token."""
+        init_linears_xavier(self)  # incl. qkv, proj, mlp, adaLN, skip_linear
+        pos = sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
         with torch.no_grad():
             self.pos_embed.copy_(pos)
             self.decoder_pos_embed.copy_(pos)
-
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
+        init_embedders(self.t_embedder, self.y_embedder, self.x_embedder)
         # adaLN-Zero in every block, the side block included, and in the final layer.
-        for blk in self._all_blocks():
-            nn.init.constant_(blk.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(blk.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        final = self.final_layer
+        zero_init(*(blk.adaLN_modulation[-1] for blk in self._all_blocks()), final.adaLN_modulation[-1], final.linear)
         if self.mask_ratio is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
