@@ -85,7 +85,8 @@ def test_make_ref_then_evaluate_a_set_against_itself_and_another(fmnist_module, 
     # another set (the train split, different images): FID clearly above 0
     other = tmp_path / "train_ref.npz"
     run_cli("evaluate", "make_ref", *data, "data.split=train", "ref_num=8", f"out={other}", "batch_size=8")
-    run_cli("evaluate", f"samples={other}", f"ref={ref}", f"out={tmp_path / 'm.json'}", "batch_size=8", "fd_method=eigh")
+    out = f"out={tmp_path / 'm.json'}"
+    run_cli("evaluate", f"samples={other}", f"ref={ref}", out, "batch_size=8", "fd_method=eigh")
     m2 = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert m2["fid"] > 1.0 and "kid_mean" in m2
 
