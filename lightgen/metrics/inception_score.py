@@ -4,14 +4,17 @@
 Splits are consecutive chunks of ``split_size`` samples in the given order (no shuffling, unlike torch-fidelity);
 the last chunk may be shorter (ADM: ``range(0, N, 5000)``). With fewer than ``split_size`` samples there is one
 split of all of them — ADM does the same; such small-N scores are biased low and are not comparable with IS-50K.
-The logits are ADM's (``pool3 @ W``, no bias; all 1008 outputs). Computed in float64 with ``log_softmax``, where ADM
-takes ``log`` of a float32 softmax (differences ~1e-6 relative).
+The logits are ADM's (``pool3 @ W``, no bias; all 1008 outputs). Each split's score is torch-fidelity's
+``isc_features_to_metric(split, splits=1, shuffle=False)`` (float64 softmax and ``log_softmax``, where ADM takes
+``log`` of a float32 softmax: differences ~1e-6 relative). lightgen only cuts the splits: torch-fidelity's own
+``splits=K`` cuts N into K near-equal parts after a seeded shuffle, which is not ADM's protocol.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 
 from lightgen.utils.errors import LightgenConfigError
 
@@ -24,14 +27,10 @@ def inception_score_splits(logits, split_size: int = 5000) -> np.ndarray:
         raise LightgenConfigError(f"Inception Score needs logits of shape (N, classes), got {tuple(x.shape)}.")
     if split_size < 1:
         raise LightgenConfigError(f"split_size must be at least 1, got {split_size}.")
-    log_p = torch.log_softmax(x, dim=1)
-    scores = []
-    for i in range(0, len(x), split_size):
-        lp = log_p[i : i + split_size]
-        p = lp.exp()
-        log_marginal = torch.logsumexp(lp, dim=0) - np.log(len(lp))  # log of the mean prediction
-        kl = (p * (lp - log_marginal)).sum(dim=1).mean()
-        scores.append(float(kl.exp()))
+    scores = [
+        isc_features_to_metric(x[i : i + split_size], splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN]
+        for i in range(0, len(x), split_size)
+    ]
     return np.asarray(scores)
 
 

@@ -1,15 +1,17 @@
-"""Kernel Inception Distance (Bińkowski et al. 2018), as torch-fidelity computes it.
+"""Kernel Inception Distance (Bińkowski et al. 2018), computed by torch-fidelity's ``kid_features_to_metric``.
 
 Unbiased MMD² with the cubic polynomial kernel ``k(x, y) = (x·y / d + 1)³``, averaged over ``subsets`` random subsets
 of ``subset_size`` samples drawn without replacement from each set (``np.random.RandomState(seed)``, first set then
-second, per subset). The defaults (100 subsets of 1000, seed 2020) are torch-fidelity's, and with the same features
-the result is the same numbers; ``subset_size`` is lowered to the smaller set's size when a set has fewer samples.
+second, per subset), in the features' dtype (float64 from ``extract_features``). The defaults (100 subsets of 1000,
+seed 2020) are torch-fidelity's. lightgen adds only the input checks and lowers ``subset_size`` to the smaller set's
+size when a set has fewer samples (torch-fidelity refuses that case).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from lightgen.utils.errors import LightgenConfigError
 
@@ -17,22 +19,10 @@ from lightgen.utils.errors import LightgenConfigError
 def _as_array(features) -> np.ndarray:
     if isinstance(features, torch.Tensor):
         features = features.detach().cpu().numpy()
-    x = np.asarray(features)
+    x = np.ascontiguousarray(features)
     if x.ndim != 2:
         raise LightgenConfigError(f"KID features must be (N, D), got shape {x.shape}.")
-    return x
-
-
-def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0):
-    """Unbiased MMD² between two equally sized sets with the polynomial kernel."""
-    m = len(x)
-    gamma = 1.0 / x.shape[1] if gamma is None else gamma
-    k_xx = (x @ x.T * gamma + coef0) ** degree
-    k_yy = (y @ y.T * gamma + coef0) ** degree
-    k_xy = (x @ y.T * gamma + coef0) ** degree
-    sum_xx = k_xx.sum() - np.trace(k_xx)
-    sum_yy = k_yy.sum() - np.trace(k_yy)
-    return (sum_xx + sum_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
+    return x if x.flags.writeable else x.copy()  # torch.from_numpy warns on read-only (memory-mapped) arrays
 
 
 def kernel_inception_distance(
@@ -52,10 +42,16 @@ def kernel_inception_distance(
     size = min(subset_size, len(x), len(y))
     if size < 2:
         raise LightgenConfigError(f"KID needs at least 2 samples per set, got {len(x)} and {len(y)}.")
-    rng = np.random.RandomState(seed)
-    mmds = np.zeros(subsets)
-    for i in range(subsets):
-        xs = x[rng.choice(len(x), size, replace=False)]
-        ys = y[rng.choice(len(y), size, replace=False)]
-        mmds[i] = polynomial_mmd2(xs, ys, degree, gamma, coef0)
-    return float(mmds.mean()), float(mmds.std())
+    out = kid_features_to_metric(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        kid_kernel="poly",
+        kid_kernel_poly_degree=degree,
+        kid_kernel_poly_gamma=gamma,
+        kid_kernel_poly_coef0=coef0,
+        rng_seed=seed,
+        verbose=False,
+    )
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])

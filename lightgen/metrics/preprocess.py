@@ -1,15 +1,11 @@
-"""Image preprocessing of the TF FID graph: uint8 -> float32 -> TF1 bilinear resize to 299 -> (x - 128) / 128.
+"""uint8 images in any of the usual layouts -> the uint8 (N, 3, H, W) tensor torch-fidelity's Inception takes.
 
-ADM's evaluator feeds float32 NHWC images in [0, 255] at the graph's ``ExpandDims:0``; the graph then runs
-``ResizeBilinear`` (TF 1.x, ``align_corners=False``, no half-pixel centres) to 299x299 and scales with
-``(x - 128) * (1/128)``. :func:`resize_bilinear_tf1` is that resize in torch.
-
-TF1's legacy resize maps output pixel ``i`` to source coordinate ``i * in/out`` (``scale`` a float32), takes the
-two neighbours ``floor(src)`` and ``min(floor(src) + 1, in - 1)`` and blends them linearly, rows then columns,
-all in float32. ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` is a different function:
-it samples at ``(i + 0.5) * in/out - 0.5`` (half-pixel centres) and, with ``antialias=True``, also low-pass filters
-when shrinking. On a 32x32 -> 299 upsample the two differ by tens of grey levels at edges; FID computed with
-torch's resize is not comparable with published (TF / ADM / torch-fidelity) numbers.
+The rest of ADM's preprocessing happens inside torch-fidelity's ``FeatureExtractorInceptionV3.forward``: float32,
+``interpolate_bilinear_2d_like_tensorflow1x(size=(299, 299), align_corners=False)`` — TF 1.x's legacy
+``ResizeBilinear`` (output pixel ``i`` samples the source at ``i * in/out``, no half-pixel centres, no antialiasing),
+the resize in ADM's TF graph — then ``(x - 128) / 128``. ``torch.nn.functional.interpolate(mode="bilinear")`` is a
+different function (half-pixel centres; tens of grey levels apart at edges on a 32 -> 299 upsample): FID computed
+with it is not comparable with published numbers.
 """
 
 from __future__ import annotations
@@ -18,37 +14,6 @@ import numpy as np
 import torch
 
 from lightgen.utils.errors import LightgenConfigError
-
-
-def _axis(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # TF: scale = float(in) / out in float32; src = float(i) * scale in float32.
-    scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
-    src = torch.arange(out_size, dtype=torch.float32) * scale
-    lo = torch.floor(src)
-    frac = src - lo
-    lo = lo.long()
-    hi = (lo + 1).clamp_max(in_size - 1)
-    return lo.to(device), hi.to(device), frac.to(device)
-
-
-def resize_bilinear_tf1(x: torch.Tensor, size: int | tuple[int, int] = 299) -> torch.Tensor:
-    """TF 1.x ``tf.image.resize_bilinear(align_corners=False)`` of a float (N, C, H, W) tensor, computed in float32."""
-    if x.ndim != 4 or not torch.is_floating_point(x):
-        raise ValueError(f"resize_bilinear_tf1 expects a float (N, C, H, W) tensor, got {tuple(x.shape)} {x.dtype}")
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    x = x.float()
-    in_h, in_w = x.shape[-2:]
-    if (in_h, in_w) == (out_h, out_w):
-        return x  # scale 1: every output pixel is its source pixel, exactly
-    y_lo, y_hi, dy = _axis(in_h, out_h, x.device)
-    x_lo, x_hi, dx = _axis(in_w, out_w, x.device)
-    top_rows, bottom_rows = x.index_select(2, y_lo), x.index_select(2, y_hi)
-    dx = dx.view(1, 1, 1, out_w)
-    top_left, top_right = top_rows.index_select(3, x_lo), top_rows.index_select(3, x_hi)
-    top = top_left + (top_right - top_left) * dx
-    bottom_left, bottom_right = bottom_rows.index_select(3, x_lo), bottom_rows.index_select(3, x_hi)
-    bottom = bottom_left + (bottom_right - bottom_left) * dx
-    return top + (bottom - top) * dy.view(1, 1, out_h, 1)
 
 
 def to_nchw_uint8(images) -> torch.Tensor:
@@ -79,9 +44,3 @@ def to_nchw_uint8(images) -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x
-
-
-def preprocess(images_nchw_uint8: torch.Tensor, size: int = 299) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> the graph's input: float32, TF1 bilinear resize to ``size``, ``(x - 128) / 128``."""
-    x = resize_bilinear_tf1(images_nchw_uint8.float(), size)
-    return (x - 128.0) / 128.0

