@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightgen.first_stage.quantize import VectorQuantizer, entropy_regulariser, perplexity_from_counts
+from lightgen.first_stage.quantize import VectorQuantizer, _ieee_matmul, entropy_regulariser, perplexity_from_counts
 
 
 def DiffusersVQ(*args, **kwargs):  # noqa: N802 (imported lazily: spawned test processes import this module)
@@ -108,6 +108,22 @@ def test_lookup_keeps_float32_precision_with_tamings_initial_codebook():
     assert torch.equal(q.encode_indices(z), q.double().encode_indices(z.double()))
 
 
+def test_lookup_turns_tf32_off_and_restores_it():
+    mm = torch.backends.cuda.matmul
+    if not hasattr(mm, "fp32_precision"):
+        pytest.skip("torch < 2.9 has allow_tf32 only")
+    old = mm.fp32_precision
+    try:
+        mm.fp32_precision = "tf32"  # what train.py's set_float32_matmul_precision("high") does
+        with _ieee_matmul(torch.device("cuda")):  # only flips flags: runs without a GPU
+            assert mm.fp32_precision == "ieee"
+        assert mm.fp32_precision == "tf32"
+        with _ieee_matmul(torch.device("cpu")):
+            assert mm.fp32_precision == "tf32"
+    finally:
+        mm.fp32_precision = old
+
+
 def test_exact_ties_go_to_the_lowest_index_as_in_diffusers():
     codes = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 3.0]])  # codes 0 and 2 equal; z=0 ties 0, 1, 2
     z = as_map(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.9, 0.1]] * 10))  # 30 rows: cdist's matmul path
@@ -192,6 +208,9 @@ def test_ema_update_against_a_hand_computation():
     loss.backward()
     assert not q.embedding.weight.requires_grad and q.embedding.weight.grad is None
     assert zz.grad.any()
+    # β sits on the commitment term whatever ``legacy`` says
+    _, loss_fixed, _ = quantizer(codes, ema=True, legacy=False, beta=beta)(as_map(z))
+    torch.testing.assert_close(loss_fixed, loss.detach())
     # no update in eval mode
     before = q.embedding.weight.clone()
     q.eval()(as_map(z))
@@ -302,6 +321,8 @@ def test_entropy_term_is_per_sample_minus_batch_entropy():
     torch.testing.assert_close(loss, info["codebook"] + info["commitment"] + info["entropy"])
     loss.backward()  # flows into both z and the codebook
     assert zz.grad.any() and q.embedding.weight.grad.any()
+    with torch.no_grad():  # validation: same value, no graph
+        assert q(as_map(z))[2]["entropy"] == info["entropy"]
 
 
 def test_entropy_gradient_is_finite_when_softmax_underflows():
@@ -491,7 +512,7 @@ def _gloo_worker(rank: int, world: int, port: int, path: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not os.environ.get("LIGHTGEN_TEST_GLOO"), reason="two real processes (~10-20 s): LIGHTGEN_TEST_GLOO=1"
+    not os.environ.get("LIGHTGEN_TEST_GLOO"), reason="two real processes (5-20 s): LIGHTGEN_TEST_GLOO=1"
 )
 def test_gloo_ranks_keep_the_same_codebook(tmp_path):
     import torch.multiprocessing as mp

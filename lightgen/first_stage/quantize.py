@@ -36,7 +36,13 @@ and a loaded codebook counts as k-means-initialised.
 Distributed training: when ``torch.distributed`` is initialised with more than one process (and
 ``sync_distributed``), the code counts and sums behind the EMA codebook, the usage statistics and the k-means
 steps are all-reduced (summed over ranks), and the random choices (k-means seeds, dead-code replacements) are
-made on rank 0 and broadcast, so every rank keeps the same codebook. Collectives run in training mode only.
+made on rank 0 and broadcast, so every rank keeps the same codebook. Collectives run in training mode only. The
+entropy regulariser uses each rank's own batch.
+
+Costs and caveats: the (N·h·w, K) distance matrix is materialised (no chunking); dead-code restarts read the
+number of dead codes on the host once per training step; a restarted code of a learned (non-EMA) codebook keeps
+its optimiser state (e.g. Adam moments); the TF32 switch around the lookup is a global flag (a graph break under
+``torch.compile``).
 """
 
 from __future__ import annotations
@@ -265,7 +271,7 @@ class VectorQuantizer(nn.Module):
         if self.training and (self.ema or self.restart_dead_codes):
             weight = weight.clone()  # updated in place below, after the graph has used it
         codes = self.codes(weight)
-        want_entropy = self.entropy_loss_ratio > 0 and torch.is_grad_enabled()
+        want_entropy = self.entropy_loss_ratio > 0  # also under no_grad: validation losses include the term
         with contextlib.nullcontext() if want_entropy else torch.no_grad():
             distances = self._distances(flat, codes)
         indices = distances.detach().argmin(1)
