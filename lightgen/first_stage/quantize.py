@@ -368,12 +368,18 @@ class VectorQuantizer(nn.Module):
     def _kmeans_seeds(self, x: torch.Tensor) -> torch.Tensor:
         """k-means++ seeds (K, D) from the rows of x: each next seed drawn with probability ∝ squared distance."""
         seeds = torch.empty(self.codebook_size, self.dim, device=x.device, dtype=x.dtype)
+        x2 = x.pow(2).sum(1)
+
+        def to_seed(seed: torch.Tensor) -> torch.Tensor:  # squared distances of all rows to one seed (a matvec)
+            return (x2 - 2 * (x @ seed) + seed.pow(2).sum()).clamp_min(0)
+
         seeds[0] = x[torch.randint(x.shape[0], (1,), device=x.device)]
-        nearest = ((x - seeds[0]) ** 2).sum(1)
-        for k in range(1, self.codebook_size):
-            weights = torch.where(nearest.sum() > 0, nearest, torch.ones_like(nearest))  # all covered: uniform
-            seeds[k] = x[torch.multinomial(weights, 1)]
-            nearest = torch.minimum(nearest, ((x - seeds[k]) ** 2).sum(1))
+        with _ieee_matmul(x.device):
+            nearest = to_seed(seeds[0])
+            for k in range(1, self.codebook_size):
+                weights = torch.where(nearest.sum() > 0, nearest, torch.ones_like(nearest))  # all covered: uniform
+                seeds[k] = x[torch.multinomial(weights, 1)]
+                nearest = torch.minimum(nearest, to_seed(seeds[k]))
         return seeds
 
     @torch.no_grad()
