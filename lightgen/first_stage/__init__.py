@@ -2,6 +2,7 @@ from lightgen.first_stage.identity import IdentityFirstStage
 from lightgen.first_stage.kl import PretrainedKL, SmallKLAutoencoder
 from lightgen.first_stage.losses import KLAutoencoderLoss, NLayerDiscriminator
 from lightgen.first_stage.lpips import LPIPS, lpips_weights_available
+from lightgen.first_stage.vq import VQFirstStage
 
 __all__ = [
     "IdentityFirstStage",
@@ -11,4 +12,5 @@ __all__ = [
     "NLayerDiscriminator",
     "LPIPS",
     "lpips_weights_available",
+    "VQFirstStage",
 ]
