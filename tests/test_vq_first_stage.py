@@ -397,3 +397,25 @@ def test_configs_compose_and_instantiate(tmp_path):
     outer = torch.nn.ModuleDict({"first_stage": loaded})
     assert not any(k.startswith("first_stage.vq.") for k in outer.state_dict())
     outer.load_state_dict(outer.state_dict(), strict=True)
+
+
+def test_a_replacement_quantizer_plugs_into_the_seam():
+    class Nearest(torch.nn.Module):  # any module with `embedding` and forward(z) -> (z_q, loss, info)
+        def __init__(self, k, d):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(k, d)
+
+        def forward(self, z):
+            idx = nearest_codes(z, self.embedding.weight)
+            z_q = self.embedding(idx).permute(0, 3, 1, 2)
+            return z + (z_q - z).detach(), (z_q - z.detach()).square().mean(), (None, None, idx.reshape(-1))
+
+    torch.manual_seed(0)
+    fs = VQFirstStage(channels=1, block_out_channels=(32, 32, 32), layers_per_block=1, quantizer=Nearest(512, 64))
+    assert "vq.quantize.embedding.weight" in fs.state_dict() and fs.quantizer is fs.vq.quantize
+    x = images(2, 32, channels=1)
+    rec, loss, idx = fs(x)
+    assert rec.shape == x.shape and torch.equal(idx, fs.encode_to_indices(x))
+    with pytest.raises(LightgenConfigError) as e:
+        VQFirstStage(channels=1, quantizer=Nearest(16, 64))
+    assert "512 x 64" in one_sentence(e)
