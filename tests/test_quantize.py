@@ -4,7 +4,6 @@ usage / perplexity, state dicts, parity with diffusers' ``VectorQuantizer``."""
 from __future__ import annotations
 
 import math
-import os
 import socket
 import threading
 
@@ -511,9 +510,6 @@ def _gloo_worker(rank: int, world: int, port: int, path: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("LIGHTGEN_TEST_GLOO"), reason="two real processes (5-20 s): LIGHTGEN_TEST_GLOO=1"
-)
 def test_gloo_ranks_keep_the_same_codebook(tmp_path):
     import torch.multiprocessing as mp
 

@@ -8,6 +8,13 @@ from .dit import (
     load_official_dit,
     match_official_timestep_embedding,
 )
+from .taming import (
+    describe_state_dict,
+    is_diffusers_vq,
+    is_taming_vqgan,
+    taming_to_diffusers_vq,
+    vq_model_state_dict,
+)
 
 __all__ = [
     "diffusers_dit_kwargs",
@@ -16,4 +23,9 @@ __all__ = [
     "infer_dit_config",
     "load_official_dit",
     "match_official_timestep_embedding",
+    "describe_state_dict",
+    "is_diffusers_vq",
+    "is_taming_vqgan",
+    "taming_to_diffusers_vq",
+    "vq_model_state_dict",
 ]

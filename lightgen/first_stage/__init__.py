@@ -3,6 +3,7 @@ from lightgen.first_stage.kl import PretrainedKL, SmallKLAutoencoder
 from lightgen.first_stage.losses import KLAutoencoderLoss, NLayerDiscriminator
 from lightgen.first_stage.lpips import LPIPS, lpips_weights_available
 from lightgen.first_stage.quantize import VectorQuantizer
+from lightgen.first_stage.vq import VQFirstStage
 
 __all__ = [
     "IdentityFirstStage",
@@ -13,4 +14,5 @@ __all__ = [
     "LPIPS",
     "lpips_weights_available",
     "VectorQuantizer",
+    "VQFirstStage",
 ]

@@ -114,6 +114,27 @@ def entropy_regulariser(distances: torch.Tensor, temperature: float) -> torch.Te
     return sample_entropy - batch_entropy
 
 
+def _check_quantizer_args(
+    codebook_size, dim, ema, ema_decay, usage_window, entropy_loss_ratio, entropy_temperature, kmeans_init, kmeans_iters
+) -> None:
+    """One sentence for each setting the quantizer cannot run with (before any work)."""
+    if codebook_size < 1 or dim < 1:
+        raise LightgenConfigError(
+            f"quantizer codebook_size and dim must be positive, got codebook_size={codebook_size}, dim={dim}."
+        )
+    if ema and not 0.0 <= ema_decay < 1.0:
+        raise LightgenConfigError(f"quantizer ema_decay must lie in [0, 1), got {ema_decay}.")
+    if usage_window < 1:
+        raise LightgenConfigError(f"quantizer usage_window must be at least 1 batch, got {usage_window}.")
+    if entropy_loss_ratio > 0 and entropy_temperature <= 0:
+        raise LightgenConfigError(
+            f"quantizer entropy_temperature must be positive, got {entropy_temperature}; "
+            f"set entropy_loss_ratio=0 to turn the entropy term off."
+        )
+    if kmeans_init and kmeans_iters < 0:
+        raise LightgenConfigError(f"quantizer kmeans_iters must be >= 0, got {kmeans_iters}.")
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with the options VQ tokenizers turn on (see the module docstring).
 
@@ -160,21 +181,8 @@ class VectorQuantizer(nn.Module):
         sync_distributed: bool = True,
     ) -> None:
         super().__init__()
-        if codebook_size < 1 or dim < 1:
-            raise LightgenConfigError(
-                f"quantizer codebook_size and dim must be positive, got codebook_size={codebook_size}, dim={dim}."
-            )
-        if ema and not 0.0 <= ema_decay < 1.0:
-            raise LightgenConfigError(f"quantizer ema_decay must lie in [0, 1), got {ema_decay}.")
-        if usage_window < 1:
-            raise LightgenConfigError(f"quantizer usage_window must be at least 1 batch, got {usage_window}.")
-        if entropy_loss_ratio > 0 and entropy_temperature <= 0:
-            raise LightgenConfigError(
-                f"quantizer entropy_temperature must be positive, got {entropy_temperature}; "
-                f"set entropy_loss_ratio=0 to turn the entropy term off."
-            )
-        if kmeans_init and kmeans_iters < 0:
-            raise LightgenConfigError(f"quantizer kmeans_iters must be >= 0, got {kmeans_iters}.")
+        _check_quantizer_args(codebook_size, dim, ema, ema_decay, usage_window, entropy_loss_ratio,
+                              entropy_temperature, kmeans_init, kmeans_iters)  # fmt: skip
         self.codebook_size = codebook_size
         self.dim = dim
         self.beta = float(beta)
