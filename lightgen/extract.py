@@ -1,14 +1,17 @@
-"""Pre-extract latents: ``python -m lightgen.extract data=<images> first_stage=<autoencoder> out=<dir>``.
+"""Pre-extract latents or tokens: ``python -m lightgen.extract data=<images> first_stage=<autoencoder> out=<dir>``.
 
 Encodes a whole image dataset once with the first stage and writes float16 shards plus a manifest
-(format: ``lightgen/data/shards.py``) that ``data=latents data.path=<dir>`` trains from.
+(format: ``lightgen/data/shards.py``) that ``data=latents data.path=<dir>`` trains from. A first stage
+with ``encode_to_indices`` (a VQ tokenizer, ``first_stage=vq_small``) gives token shards instead: its
+code indices, int16 (int32 past 32,767 codes), for ``data=tokens data.path=<dir>``; the manifest then
+records the codebook size, the token grid and the SHA-256 of the tokenizer's checkpoint file.
 
 * Several processes (``torchrun --nproc_per_node=8 -m lightgen.extract ...``, or any launcher that
   sets ``RANK``/``WORLD_SIZE``): rank ``r`` of ``W`` takes the ``r``-th contiguous slice of the
   dataset (in dataset order) and writes only its own files, ``*_r{r:02d}_*``; the last rank to
   finish merges the per-rank manifests into ``manifest.json``.
 * ``flips=true`` also encodes every image flipped horizontally (both views are stored; training
-  picks one with the sampler's flip bit).
+  picks one with the sampler's flip bit); for tokens, the tokens of the flipped image.
 * Resumable: re-running the same command skips every shard that is complete and matches its
   checksum, and recomputes missing, partial or corrupted ones.
 * Deterministic: a stochastic encoder draws from a generator seeded by ``seed`` and the shard.
@@ -33,11 +36,16 @@ from lightgen.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     ShardWriter,
+    array_dtype,
+    array_shape,
     check_matches,
     finalize_manifest,
     first_stage_target,
+    manifest_kind,
     rank_shards,
     read_partial_manifests,
+    token_dtype,
+    tokenizer_sha256,
 )
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import startup_errors
@@ -70,20 +78,12 @@ def make_plan(
     """The manifest header every rank writes (and every later run is compared against)."""
     cls = type(first_stage)
     config = dict(first_stage_config or {})
-    return {
-        "format_version": FORMAT_VERSION,
-        "first_stage": {
-            "target": config.get("_target_") or f"{cls.__module__}.{cls.__qualname__}",
-            "class": f"{cls.__module__}.{cls.__qualname__}",
-            "config": {k: v for k, v in config.items() if k != "_target_"},
-        },
-        "scale_factor": float(getattr(first_stage, "scale_factor", 1.0)),
-        "latent_shape": [
-            int(first_stage.latent_channels),
-            int(first_stage.latent_size),
-            int(first_stage.latent_size),
-        ],
-        "dtype": DTYPE,
+    described = {
+        "target": config.get("_target_") or f"{cls.__module__}.{cls.__qualname__}",
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "config": {k: v for k, v in config.items() if k != "_target_"},
+    }
+    common = {
         "flips": bool(flips),
         "num_samples": int(num_samples),
         "num_classes": None if num_classes is None else int(num_classes),
@@ -92,6 +92,34 @@ def make_plan(
         "seed": int(seed),
         "source": dict(source or {}),
     }
+    if array_kind(first_stage) == "tokens":
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "tokens",
+            "first_stage": described,
+            "token_shape": [int(first_stage.token_size), int(first_stage.token_size)],
+            "codebook_size": int(first_stage.codebook_size),
+            "tokenizer_sha256": tokenizer_sha256(getattr(first_stage, "checkpoint", None)),
+            "dtype": token_dtype(first_stage.codebook_size),
+            **common,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "first_stage": described,
+        "scale_factor": float(getattr(first_stage, "scale_factor", 1.0)),
+        "latent_shape": [
+            int(first_stage.latent_channels),
+            int(first_stage.latent_size),
+            int(first_stage.latent_size),
+        ],
+        "dtype": DTYPE,
+        **common,
+    }
+
+
+def array_kind(first_stage) -> str:
+    """``"tokens"`` for a tokenizer (it has ``encode_to_indices``), else ``"latents"``."""
+    return "tokens" if callable(getattr(first_stage, "encode_to_indices", None)) else "latents"
 
 
 def check_out_dir(out: Path, plan: Mapping) -> None:
@@ -106,9 +134,9 @@ def check_out_dir(out: Path, plan: Mapping) -> None:
             stored = json.loads(manifest.read_text())
         except (OSError, ValueError) as e:
             raise LightgenConfigError(f"{manifest} is not valid JSON ({e}); delete it or pick another out.") from e
-        check_matches(stored, out, plan["first_stage"], plan["latent_shape"], plan)
+        check_matches(stored, out, plan["first_stage"], array_shape(plan), plan)
     for stored in read_partial_manifests(out).values():
-        check_matches(stored, out, plan["first_stage"], plan["latent_shape"], plan)
+        check_matches(stored, out, plan["first_stage"], array_shape(plan), plan)
 
 
 def _encode(first_stage, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -117,17 +145,34 @@ def _encode(first_stage, images: torch.Tensor, generator: torch.Generator) -> to
     return first_stage.encode(images)
 
 
+def _encode_tokens(first_stage, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return first_stage.encode_to_indices(images)
+
+
 @torch.no_grad()
 def encode_shard(
-    first_stage, dataset, start: int, count: int, *, flips: bool, batch_size: int, seed: int, device, on_batch=None
+    first_stage,
+    dataset,
+    start: int,
+    count: int,
+    *,
+    flips: bool,
+    batch_size: int,
+    seed: int,
+    device,
+    on_batch=None,
+    kind: str = "latents",
+    dtype: str = DTYPE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Latents (float16, (n, [2,] C, H, W)) and labels of samples ``start .. start + count`` of ``dataset``.
+    """Latents (float16, (n, [2,] C, H, W)) and labels of samples ``start .. start + count`` of ``dataset``;
+    with ``kind="tokens"``, code indices (``dtype``, (n, [2,] h, w)) of ``first_stage.encode_to_indices``.
 
     Randomness is a function of ``seed`` and ``start`` only: the global RNG is forked and seeded per
     shard (and a generator is passed to ``encode`` when it accepts one).
     """
     device = torch.device(device)
     shard_seed = (int(seed) * 1_000_003 + int(start)) % (2**63)
+    encode = _encode_tokens if kind == "tokens" else _encode
     latents, labels = [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -137,10 +182,13 @@ def encode_shard(
             idx = list(range(lo, min(lo + batch_size, start + count)))
             batch = dataset.__getitems__(idx)
             images = batch["image"].to(device, non_blocking=True)
-            z = _encode(first_stage, images, gen)
+            z = encode(first_stage, images, gen)
             if flips:
-                z = torch.stack([z, _encode(first_stage, images.flip(-1), gen)], dim=1)
-            latents.append(z.to("cpu", torch.float16).numpy())
+                z = torch.stack([z, encode(first_stage, images.flip(-1), gen)], dim=1)
+            if kind == "tokens":
+                latents.append(z.to("cpu").numpy().astype(dtype))
+            else:
+                latents.append(z.to("cpu", torch.float16).numpy())
             labels.append(batch["label"].numpy().astype(np.int64))
             if on_batch is not None:
                 on_batch(len(idx))
@@ -201,6 +249,8 @@ def extract_rank(
                 seed=seed,
                 device=device,
                 on_batch=lambda b: bar.advance(task, b),
+                kind=manifest_kind(plan),
+                dtype=array_dtype(plan),
             )
             writer.write(k, start, latents, labels)
     writer.finish(len(shards))
@@ -260,7 +310,7 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
             ),
         )
     result = extract_rank(dataset, first_stage, cfg.out, **kwargs)
-    _print_summary(result, len(dataset), first_stage_target(fs_config), cfg.out, rank)
+    _print_summary(result, len(dataset), first_stage_target(fs_config), cfg.out, rank, array_kind(first_stage))
     return result
 
 
@@ -295,12 +345,14 @@ def _source(data_config: Mapping, num_samples: int) -> dict[str, Any]:
     }
 
 
-def _print_summary(result: Mapping, num_samples: int, first_stage_name: str, out, rank: int) -> None:
+def _print_summary(
+    result: Mapping, num_samples: int, first_stage_name: str, out, rank: int, kind: str = "latents"
+) -> None:
     if result["manifest"] is not None:
         print(
             f"lightgen.extract: {num_samples} samples encoded by {first_stage_name} in {out} "
             f"({len(result['written'])} shards written, {len(result['skipped'])} already complete); "
-            f"train with data=latents data.path={out}",
+            f"train with data={kind} data.path={out}",
             flush=True,
         )
     else:

@@ -6,6 +6,10 @@ encoder for them (``GenerativeModule.batch_latents``). The stream is the image D
 ranks, so resuming works the same. Index ``i + N`` means "sample ``i`` flipped": with stored flip
 pairs (``flips=true`` at extraction) it selects the encoded flipped image; without them the latent
 is flipped along its width (exact in pixel space, an approximation for an autoencoder).
+
+The same dataset and DataModule serve token shards (``kind: tokens``, ``lightgen.data.tokens``): the
+array kind comes from the manifest, batches are ``{"tokens": long (B, h, w), "label"}``, and a flip
+only ever selects the stored tokens of the flipped image (tokens are never flipped).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightgen.data.base import IndexedDataModule
-from lightgen.data.shards import shard_shape, verify
+from lightgen.data.shards import manifest_kind, shard_shape, verify
 from lightgen.utils.errors import LightgenConfigError
 
 BACKENDS = ("memmap", "litdata")
 
 
-class LatentShardDataset(Dataset):
-    """Map-style view of a latent directory; shards are opened with ``np.load(mmap_mode="r")`` lazily.
+class ShardDataset(Dataset):
+    """Map-style view of a latent (or token) directory; shards are opened with ``np.load(mmap_mode="r")`` lazily.
+
+    Items: ``{"latent": float32 (C, H, W), "label"}``, or ``{"tokens": int64 (h, w), "label"}`` for a token
+    directory (the manifest's ``kind``).
 
     Opening happens on first access in each process (and again after a fork: DataLoader workers
     never share the parent's file handles). Labels (8 bytes a sample) are loaded into memory.
@@ -36,6 +43,8 @@ class LatentShardDataset(Dataset):
         self.path = Path(path)
         self.manifest = manifest
         self.flips = bool(manifest["flips"])
+        self.kind = manifest_kind(manifest)
+        self.key, self.dtype = ("tokens", np.int64) if self.kind == "tokens" else ("latent", np.float32)
         self.shards = sorted(manifest["shards"], key=lambda e: e["start"])
         self.starts = np.array([e["start"] for e in self.shards], dtype=np.int64)
         self.n = int(manifest["num_samples"])
@@ -88,17 +97,22 @@ class LatentShardDataset(Dataset):
             else:
                 chunk = arrays[s][rows_sorted]
             if out is None:
-                out = np.empty((len(idx), *chunk.shape[1:]), dtype=np.float32)
+                out = np.empty((len(idx), *chunk.shape[1:]), dtype=self.dtype)
             out[sel[order]] = chunk
         latents = torch.from_numpy(out)
         if not self.flips and flip.any():
+            if self.kind == "tokens":
+                raise ValueError(f"{self.path} holds no tokens of flipped images; extract with flips=true.")
             f = torch.from_numpy(flip)
             latents[f] = latents[f].flip(-1)
-        return {"latent": latents, "label": self.labels[torch.from_numpy(base)]}
+        return {self.key: latents, "label": self.labels[torch.from_numpy(base)]}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         out = self.__getitems__([index])
         return {k: v[0] for k, v in out.items()}
+
+
+LatentShardDataset = ShardDataset  # the name it had before token shards
 
 
 class LatentDataModule(IndexedDataModule):
@@ -119,7 +133,12 @@ class LatentDataModule(IndexedDataModule):
         litdata_dir: where the litdata backend writes its converted copy.
         image_size, channels: of the source images (for configs that interpolate them); unused here.
         num_classes: checked against the manifest when given.
+
+    Subclasses set ``KIND`` (the manifest kind read) and check their own manifest fields in
+    ``_check_manifest`` (``lightgen.data.tokens.TokenDataModule``).
     """
+
+    KIND = "latents"
 
     def __init__(
         self,
@@ -149,14 +168,16 @@ class LatentDataModule(IndexedDataModule):
             shuffle=shuffle,
         )
         if backend not in BACKENDS:
-            raise LightgenConfigError(f"data.backend={backend!r} is not a latent backend; use memmap or litdata.")
+            raise LightgenConfigError(
+                f"data.backend={backend!r} is not a {self.KIND[:-1]} backend; use memmap or litdata."
+            )
         self.path = str(path)
         self.backend = backend
         self.expected_first_stage = expected_first_stage
         self.expected_shape = None if expected_shape is None else tuple(int(s) for s in expected_shape)
         self.check_hashes = check_hashes
         self.manifest: dict[str, Any] | None = None
-        self.dataset: LatentShardDataset | None = None
+        self.dataset: ShardDataset | None = None
         self.litdata_dir = str(litdata_dir) if litdata_dir else str(Path(self.path) / "litdata")
         self.stream = None  # litdata backend: the StreamingDataset built in setup()
 
@@ -172,14 +193,20 @@ class LatentDataModule(IndexedDataModule):
                     "data.backend=litdata needs the litdata package; `pip install litdata` or use data.backend=memmap."
                 ) from None
         if self.manifest is None:
-            manifest = verify(self.path, self.expected_first_stage, self.expected_shape, self.check_hashes)
+            manifest = verify(
+                self.path, self.expected_first_stage, self.expected_shape, self.check_hashes, kind=self.KIND
+            )
             stored = manifest.get("num_classes")
             if self.num_classes is not None and stored is not None and int(stored) != int(self.num_classes):
                 raise LightgenConfigError(
-                    f"{self.path} holds latents of a {stored}-class dataset, but data.num_classes={self.num_classes}; "
-                    f"set data.num_classes={stored}."
+                    f"{self.path} holds {self.KIND} of a {stored}-class dataset, but data.num_classes="
+                    f"{self.num_classes}; set data.num_classes={stored}."
                 )
+            self._check_manifest(manifest)
             self.manifest = manifest
+
+    def _check_manifest(self, manifest: dict[str, Any]) -> None:
+        """Further checks of a subclass (raise one sentence); latents need none."""
 
     @property
     def latent_channels(self) -> int:
@@ -230,12 +257,17 @@ class LatentDataModule(IndexedDataModule):
                         + 1
                     )
                 self.stream = litdata_backend.make_dataset(
-                    self.litdata_dir, self.seed, self.random_flip, bool(self.manifest["flips"]), shuffle=self.shuffle
+                    self.litdata_dir,
+                    self.seed,
+                    self.random_flip,
+                    bool(self.manifest["flips"]),
+                    shuffle=self.shuffle,
+                    kind=self.KIND,
                 )
             return
         if self.dataset is None:
             self.check()
-            self.dataset = LatentShardDataset(self.path, self.manifest)
+            self.dataset = ShardDataset(self.path, self.manifest)
             if self.num_classes is None:
                 stored = self.manifest.get("num_classes")
                 self.num_classes = int(stored) if stored is not None else int(self.dataset.labels.max()) + 1
@@ -270,10 +302,11 @@ class LatentDataModule(IndexedDataModule):
                 shuffle=self.shuffle,
                 rank=r,
                 world_size=world,
+                kind=self.KIND,
             )
         if self.batch_size % world:
             raise LightgenConfigError(
                 f"data.batch_size={self.batch_size} is the global batch and must be divisible by the "
                 f"{world} processes; pick a multiple of {world}."
             )
-        return litdata_backend.make_loader(stream, self.batch_size // world, self.num_workers)
+        return litdata_backend.make_loader(stream, self.batch_size // world, self.num_workers, kind=self.KIND)

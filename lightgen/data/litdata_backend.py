@@ -10,6 +10,9 @@ directory under the final name, so it is redone; a source whose checksums change
 detects DDP in its constructor, so call it in ``setup()`` (after the process group exists). The flip
 bit of sample ``i`` in epoch ``e`` is a hash of ``(seed, e, i)``: reproducible, independent of the
 number of workers and ranks. ``collate()`` returns the memmap backend's batch dict.
+
+Token directories (``kind: tokens``) convert the same way, with items ``{"index", "tokens": int16/int32
+(2, h, w) or (h, w), "label"}`` and batches ``{"tokens": long (B, h, w), "label"}``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lightgen.data.shards import array_dtype, array_shape, manifest_kind
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
@@ -44,7 +49,7 @@ def source_fingerprint(source: str | Path, manifest: dict[str, Any]) -> dict[str
         "marker_version": MARKER_VERSION,
         "source": str(Path(source).resolve()),
         "num_samples": int(manifest["num_samples"]),
-        "latent_shape": list(manifest["latent_shape"]),
+        "latent_shape": list(array_shape(manifest)),
         "flips": bool(manifest["flips"]),
         "shards": [[e["file"], e["start"], e["count"], e["sha256"], e["labels_sha256"]] for e in shards],
     }
@@ -59,14 +64,18 @@ def is_up_to_date(out: str | Path, fingerprint: dict[str, Any]) -> bool:
     return stored == fingerprint and (out / "index.json").is_file()
 
 
-def _shard_items(entry: dict[str, Any], source: str):
+def _item_key(kind: str) -> str:
+    return "tokens" if kind == "tokens" else "latent"
+
+
+def _shard_items(entry: dict[str, Any], source: str, kind: str = "latents", dtype: str = "float16"):
     """``optimize`` worker: one shard -> its samples, in dataset order."""
     latents = np.load(Path(source) / entry["file"], mmap_mode="r")
     labels = np.load(Path(source) / entry["labels_file"])
     for row in range(int(entry["count"])):
         yield {
             "index": int(entry["start"]) + row,
-            "latent": np.ascontiguousarray(latents[row], dtype=np.float16),
+            _item_key(kind): np.ascontiguousarray(latents[row], dtype=dtype),
             "label": int(labels[row]),
         }
 
@@ -99,7 +108,12 @@ def convert(
     previous = multiprocessing.get_start_method(allow_none=True)
     try:
         optimize(
-            fn=functools.partial(_shard_items, source=str(Path(source).resolve())),
+            fn=functools.partial(
+                _shard_items,
+                source=str(Path(source).resolve()),
+                kind=manifest_kind(manifest),
+                dtype=array_dtype(manifest),
+            ),
             inputs=sorted(manifest["shards"], key=lambda e: e["start"]),
             output_dir=str(tmp),
             chunk_bytes=chunk_bytes,
@@ -145,17 +159,19 @@ def flip_bit(seed: int, epoch: int, index: int) -> int:
 
 
 class LatentStreamingDataset(StreamingDataset):
-    """``StreamingDataset`` whose items are ``(latent float16 (C, H, W), label)`` with the flip applied."""
+    """``StreamingDataset`` whose items are ``(latent float16 (C, H, W), label)`` with the flip applied
+    (``kind="tokens"``: ``(tokens (h, w), label)``; tokens are only flipped by selecting a stored view)."""
 
-    def __init__(self, input_dir: str, *, seed: int, random_flip: bool, flips: bool, **kwargs):
+    def __init__(self, input_dir: str, *, seed: int, random_flip: bool, flips: bool, kind: str = "latents", **kwargs):
         super().__init__(input_dir, seed=seed, **kwargs)
         self.flip_seed = int(seed)
-        self.random_flip = bool(random_flip)
         self.flips = bool(flips)
+        self.kind = kind
+        self.random_flip = bool(random_flip) and (self.flips or kind != "tokens")
 
     def __getitem__(self, index):
         item = super().__getitem__(index)
-        latent = item["latent"]
+        latent = item[_item_key(self.kind)]
         flip = self.random_flip and flip_bit(self.flip_seed, int(self.current_epoch), int(item["index"]))
         if self.flips:
             latent = latent[int(flip)]
@@ -172,10 +188,11 @@ def make_dataset(
     shuffle: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
+    kind: str = "latents",
 ) -> LatentStreamingDataset:
     """The stream of ``path``; ``rank``/``world_size`` override the detected process group (tests, tools)."""
     ds = LatentStreamingDataset(
-        str(path), seed=seed, random_flip=random_flip, flips=flips, shuffle=shuffle, drop_last=True
+        str(path), seed=seed, random_flip=random_flip, flips=flips, shuffle=shuffle, drop_last=True, kind=kind
     )
     if world_size is not None:
         ds.distributed_env = _DistributedEnv(int(world_size), int(rank or 0), 1)
@@ -190,12 +207,21 @@ def collate(items: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
     return {"latent": torch.from_numpy(latents), "label": labels}
 
 
-def make_loader(dataset: StreamingDataset, batch_size: int, num_workers: int = 0) -> StreamingDataLoader:
+def collate_tokens(items: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+    """The memmap backend's token batch: ``{"tokens": long (B, h, w), "label": long (B,)}``."""
+    tokens = np.stack([t for t, _ in items]).astype(np.int64)
+    labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
+    return {"tokens": torch.from_numpy(tokens), "label": labels}
+
+
+def make_loader(
+    dataset: StreamingDataset, batch_size: int, num_workers: int = 0, kind: str = "latents"
+) -> StreamingDataLoader:
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_tokens if kind == "tokens" else collate,
         drop_last=True,
         persistent_workers=num_workers > 0,
     )

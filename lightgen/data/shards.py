@@ -1,4 +1,4 @@
-"""On-disk format of pre-extracted latents: float16 ``.npy`` shards plus a JSON manifest.
+"""On-disk format of pre-extracted latents (float16) or tokens (int16/int32): ``.npy`` shards plus a JSON manifest.
 
 A latent directory holds
 
@@ -9,6 +9,12 @@ A latent directory holds
   with its SHA-256), updated after every shard, so an interrupted extraction resumes;
 * ``manifest.json``: the merged manifest (``finalize_manifest``), written once every rank is done.
   Its presence means "complete": readers need nothing else.
+
+A token directory (a VQ tokenizer's code indices, ``"kind": "tokens"`` in the manifest) is the same
+with ``tokens_r{rank:02d}_{k:05d}.npy``: int16 (int32 past 32,767 codes), ``(n, h, w)`` or
+``(n, 2, h, w)`` (view 1 = the tokens of the flipped image); its manifest has ``token_shape``,
+``codebook_size`` and ``tokenizer_sha256`` (of the tokenizer's checkpoint file, null without one)
+where a latent one has ``latent_shape`` and ``scale_factor``. A manifest without ``kind`` is latents.
 
 Shard ``k`` of rank ``r`` holds the samples ``start .. start + count`` of the source dataset, in
 dataset order; the shards sorted by ``start`` are the whole dataset. Every file is written under a
@@ -35,13 +41,34 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPE = "float16"
 LABEL_DTYPE = "int64"
+KINDS = ("latents", "tokens")
 _PARTIAL_RE = re.compile(r"manifest_r(\d+)\.json$")
 
 
 # -- names and small helpers --------------------------------------------------------------------
-def shard_files(rank: int, k: int) -> tuple[str, str]:
-    """File names (latents, labels) of shard ``k`` of ``rank``."""
-    return f"latents_r{rank:02d}_{k:05d}.npy", f"labels_r{rank:02d}_{k:05d}.npy"
+def shard_files(rank: int, k: int, kind: str = "latents") -> tuple[str, str]:
+    """File names (latents or tokens, labels) of shard ``k`` of ``rank``."""
+    return f"{kind}_r{rank:02d}_{k:05d}.npy", f"labels_r{rank:02d}_{k:05d}.npy"
+
+
+def manifest_kind(manifest: Mapping) -> str:
+    """``"latents"`` or ``"tokens"`` (manifests without ``kind`` are latents)."""
+    return manifest.get("kind", "latents")
+
+
+def token_dtype(codebook_size: int) -> str:
+    """int16 while every code index fits (``codebook_size <= 32767``), else int32."""
+    return "int16" if int(codebook_size) <= np.iinfo(np.int16).max else "int32"
+
+
+def array_shape(manifest: Mapping) -> tuple[int, ...]:
+    """The shape of one stored sample: ``latent_shape`` (C, H, W) or ``token_shape`` (h, w)."""
+    return tuple(manifest["token_shape"] if manifest_kind(manifest) == "tokens" else manifest["latent_shape"])
+
+
+def array_dtype(manifest: Mapping) -> str:
+    """The dtype of the stored arrays: float16 for latents, the manifest's int dtype for tokens."""
+    return manifest["dtype"] if manifest_kind(manifest) == "tokens" else DTYPE
 
 
 def partial_manifest_name(rank: int) -> str:
@@ -65,6 +92,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def tokenizer_sha256(checkpoint) -> str | None:
+    """SHA-256 of the tokenizer's checkpoint file (None without one); cached per (path, size, mtime)."""
+    if checkpoint in (None, ""):
+        return None
+    path = Path(str(checkpoint)).expanduser()
+    if not path.is_file():
+        raise LightgenConfigError(
+            f"first_stage.checkpoint={checkpoint} is not a file; point it at the tokenizer's checkpoint file."
+        )
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -107,7 +153,8 @@ def _check_npy(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
 
 
 def shard_shape(manifest: Mapping, count: int) -> tuple[int, ...]:
-    return (count, 2, *manifest["latent_shape"]) if manifest["flips"] else (count, *manifest["latent_shape"])
+    shape = array_shape(manifest)
+    return (count, 2, *shape) if manifest["flips"] else (count, *shape)
 
 
 # -- compatibility of a directory with a run ----------------------------------------------------
@@ -135,12 +182,13 @@ def _locate(path: str):
 _LOCAL_KEYS = re.compile(r"dir|path|cache|device|dtype|local|root|file", re.IGNORECASE)
 
 
-def first_stage_difference(stored: Mapping, expected: Any) -> str | None:
+def first_stage_difference(stored: Mapping, expected: Any, ignore: tuple[str, ...] = ()) -> str | None:
     """None if ``expected`` (class path, config or module) is the first stage that made ``stored``, else what differs.
 
     Compares the class (config ``_target_`` or class path) and, for a config, every scalar setting both
     configs have except machine-local ones (paths, directories, devices, dtypes): two autoencoders of
     the same class with different weights (e.g. sd-vae-ft-ema / ft-mse) differ in such a setting.
+    Keys in ``ignore`` are not compared (tokens compare the checkpoint's hash, not its path).
     """
     want = first_stage_target(expected)
     if want is None:
@@ -153,7 +201,7 @@ def first_stage_difference(stored: Mapping, expected: Any) -> str | None:
         if "_target_" not in expected and isinstance(expected.get("config"), Mapping):
             expected = expected["config"]  # the "first_stage" entry of another manifest
         for key, value in expected.items():
-            if key.startswith("_") or _LOCAL_KEYS.search(key) or key not in config:
+            if key.startswith("_") or _LOCAL_KEYS.search(key) or key not in config or key in ignore:
                 continue
             if isinstance(value, (str, int, float, bool)) and config[key] != value:
                 return f"a first stage with {key}={config[key]!r}, but this run has {key}={value!r}"
@@ -166,15 +214,37 @@ def check_matches(
     expected_first_stage: Any = None,
     expected_shape=None,
     plan: Mapping | None = None,
+    kind: str | None = None,
 ) -> None:
-    """Raise one sentence if the latents at ``where`` were made by another first stage / shape (/ plan)."""
-    diff = first_stage_difference(manifest.get("first_stage") or {}, expected_first_stage)
+    """Raise one sentence if the shards at ``where`` are another kind (latents / tokens, ``kind`` or the
+    plan's), or were made by another first stage / shape (/ plan: tokenizer, settings)."""
+    stored_kind = manifest_kind(manifest)
+    want_kind = kind or (manifest_kind(plan) if plan is not None else stored_kind)
+    if stored_kind != want_kind:
+        if plan is not None:
+            raise LightgenConfigError(
+                f"{where} holds {stored_kind}, but this first stage makes {want_kind}; extract into another directory."
+            )
+        raise LightgenConfigError(
+            f"{where} holds {stored_kind}, but data={want_kind} reads {want_kind}; use data={stored_kind} with it, or "
+            f"extract {want_kind} into another directory."
+        )
+    tokens = stored_kind == "tokens"
+    diff = first_stage_difference(
+        manifest.get("first_stage") or {}, expected_first_stage, ignore=("checkpoint",) if tokens else ()
+    )
     if diff:
         raise LightgenConfigError(
-            f"{where} holds latents of {diff}; use the matching first_stage, or extract latents for this one into "
-            f"another directory."
+            f"{where} holds {stored_kind} of {diff}; use the matching first_stage, or extract {stored_kind} for this "
+            f"one into another directory."
         )
-    if expected_shape is not None and tuple(int(s) for s in expected_shape) != tuple(manifest["latent_shape"]):
+    if expected_shape is not None and tuple(int(s) for s in expected_shape) != array_shape(manifest):
+        if tokens:
+            raise LightgenConfigError(
+                f"{where} holds tokens on a {'x'.join(map(str, array_shape(manifest)))} grid, but this run's "
+                f"tokenizer makes {'x'.join(str(int(s)) for s in expected_shape)}; use the tokenizer and image size "
+                f"they were extracted with, or extract again into another directory."
+            )
         raise LightgenConfigError(
             f"{where} holds latents of shape {tuple(manifest['latent_shape'])} (C, H, W), but this run expects "
             f"{tuple(int(s) for s in expected_shape)}; use the first stage and image size they were extracted with, "
@@ -182,7 +252,10 @@ def check_matches(
         )
     if plan is None:
         return
-    if abs(float(manifest.get("scale_factor", 1.0)) - float(plan["scale_factor"])) > 1e-12:
+    if tokens:
+        checkpoint = ((plan.get("first_stage") or {}).get("config") or {}).get("checkpoint")
+        check_tokenizer(manifest, where, plan["codebook_size"], plan["tokenizer_sha256"], checkpoint=checkpoint)
+    elif abs(float(manifest.get("scale_factor", 1.0)) - float(plan["scale_factor"])) > 1e-12:
         raise LightgenConfigError(
             f"{where} holds latents scaled by {manifest.get('scale_factor')}, but this extraction scales by "
             f"{plan['scale_factor']}; extract into another directory."
@@ -199,6 +272,35 @@ def check_matches(
                 f"{where} was extracted with {what}={manifest.get(key)}, not {plan.get(key)}; re-run with the same "
                 f"settings to resume it, or extract into another directory."
             )
+
+
+def check_tokenizer(
+    manifest: Mapping, where: str | Path, codebook_size=None, checkpoint_sha256=None, checkpoint=None
+) -> None:
+    """Raise one sentence if the tokens at ``where`` come from a tokenizer with another codebook size or
+    checkpoint (SHA-256 of its file; ``None`` = no checkpoint, random weights) than the run's.
+
+    ``checkpoint``: the run's checkpoint path, for the message only.
+    """
+    stored_k = manifest.get("codebook_size")
+    if codebook_size is not None and stored_k != int(codebook_size):
+        raise LightgenConfigError(
+            f"{where} holds tokens of a {stored_k}-code tokenizer, but this run's first stage has {int(codebook_size)} "
+            f"codes; use the tokenizer they were extracted with, or extract its tokens into another directory."
+        )
+    stored = manifest.get("tokenizer_sha256")
+    if stored != checkpoint_sha256:
+
+        def name(digest, path=None):
+            if digest is None:
+                return "no checkpoint (random weights)"
+            return f"checkpoint {path + ' ' if path else ''}of SHA-256 {digest[:12]}…"
+
+        raise LightgenConfigError(
+            f"{where} holds tokens of a tokenizer with {name(stored)}, but this run's first stage has "
+            f"{name(checkpoint_sha256, checkpoint)}; set first_stage.checkpoint to the tokenizer they were "
+            f"extracted with, or extract its tokens into another directory."
+        )
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -223,7 +325,7 @@ class ShardWriter:
             except (OSError, ValueError):
                 old = None  # a partial manifest is always written atomically; unreadable means foreign
             if isinstance(old, Mapping):
-                check_matches(old, self.out, self.plan["first_stage"], self.plan["latent_shape"], self.plan)
+                check_matches(old, self.out, self.plan["first_stage"], array_shape(self.plan), self.plan)
                 self.entries = {int(e["index"]): e for e in old.get("shards", [])}
 
     def remove_stale_tmp(self) -> None:
@@ -238,7 +340,7 @@ class ShardWriter:
         if e is None or e["start"] != start or e["count"] != count:
             return False
         for name, digest, shape, dtype in (
-            (e["file"], e["sha256"], shard_shape(self.plan, count), DTYPE),
+            (e["file"], e["sha256"], shard_shape(self.plan, count), array_dtype(self.plan)),
             (e["labels_file"], e["labels_sha256"], (count,), LABEL_DTYPE),
         ):
             p = self.out / name
@@ -248,16 +350,17 @@ class ShardWriter:
 
     def write(self, k: int, start: int, latents: np.ndarray, labels: np.ndarray) -> dict:
         count = len(labels)
-        latents = np.asarray(latents, dtype=DTYPE)
+        latents = np.asarray(latents, dtype=array_dtype(self.plan))
         labels = np.asarray(labels, dtype=LABEL_DTYPE)
         if latents.shape != shard_shape(self.plan, count):
             raise ValueError(
-                f"shard {k} of rank {self.rank}: latents {latents.shape} != {shard_shape(self.plan, count)}"
+                f"shard {k} of rank {self.rank}: {manifest_kind(self.plan)} {latents.shape} != "
+                f"{shard_shape(self.plan, count)}"
             )
         # Forget the entry first: if we die between the two renames, the old checksum must not vouch for new files.
         if self.entries.pop(k, None) is not None:
             self._save(done=False)
-        lat_name, lab_name = shard_files(self.rank, k)
+        lat_name, lab_name = shard_files(self.rank, k, manifest_kind(self.plan))
         write_npy_atomic(self.out / lat_name, latents)
         write_npy_atomic(self.out / lab_name, labels)
         entry = {
@@ -317,7 +420,7 @@ def finalize_manifest(out: str | Path, world_size: int | None = None) -> dict | 
     shards = []
     for r in range(world):
         p = partials[r]
-        check_matches(p, out, head["first_stage"], head["latent_shape"], head)
+        check_matches(p, out, head["first_stage"], array_shape(head), head)
         if len(p["shards"]) != p.get("num_shards", len(p["shards"])):
             return None
         shards += p["shards"]
@@ -340,7 +443,7 @@ def finalize_manifest(out: str | Path, world_size: int | None = None) -> dict | 
 
 
 # -- reading and verification -------------------------------------------------------------------
-def read_manifest(out: str | Path) -> dict:
+def read_manifest(out: str | Path, kind: str = "latents") -> dict:
     out = Path(out)
     path = out / MANIFEST
     if not path.is_file():
@@ -349,9 +452,10 @@ def read_manifest(out: str | Path) -> dict:
             if any(out.glob("manifest_r*.json"))
             else ""
         )
+        maker = "tokenizer" if kind == "tokens" else "autoencoder"
         raise LightgenConfigError(
-            f"no {MANIFEST} in {out}{partial}; extract latents first with "
-            f"`python -m lightgen.extract data=<images> first_stage=<autoencoder> out={out}`."
+            f"no {MANIFEST} in {out}{partial}; extract {kind} first with "
+            f"`python -m lightgen.extract data=<images> first_stage=<{maker}> out={out}`."
         )
     try:
         manifest = json.loads(path.read_text())
@@ -366,18 +470,24 @@ def read_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def verify(out: str | Path, expected_first_stage: Any = None, expected_shape=None, check_hashes: bool = True) -> dict:
-    """Check a latent directory against a run; return its manifest or raise one sentence naming the problem.
+def verify(
+    out: str | Path,
+    expected_first_stage: Any = None,
+    expected_shape=None,
+    check_hashes: bool = True,
+    kind: str = "latents",
+) -> dict:
+    """Check a latent (or token) directory against a run; return its manifest or raise one sentence naming the problem.
 
-    Checks the manifest (present, this format), the first stage and latent shape (when given), that
-    every shard file exists with the right shape, dtype and size, and (``check_hashes``) its SHA-256.
+    Checks the manifest (present, this format, ``kind``), the first stage and latent shape / token grid
+    (when given), that every shard file exists with the right shape, dtype and size, and (``check_hashes``) its SHA-256.
     """
     out = Path(out)
-    manifest = read_manifest(out)
-    check_matches(manifest, out, expected_first_stage, expected_shape)
+    manifest = read_manifest(out, kind)
+    check_matches(manifest, out, expected_first_stage, expected_shape, kind=kind)
     for e in manifest["shards"]:
         for name, shape, dtype, digest in (
-            (e["file"], shard_shape(manifest, e["count"]), DTYPE, e["sha256"]),
+            (e["file"], shard_shape(manifest, e["count"]), array_dtype(manifest), e["sha256"]),
             (e["labels_file"], (e["count"],), LABEL_DTYPE, e["labels_sha256"]),
         ):
             p = out / name
