@@ -8,11 +8,11 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, run_cli
 from hydra.utils import instantiate
 from test_latents import N, extract, mtimes, one_sentence
 
-from lightgen.data import SyntheticDataModule
+from lightgen.data import FashionMNISTDataModule, SyntheticDataModule
 from lightgen.data.shards import MANIFEST, read_manifest, token_dtype, verify
 from lightgen.data.tokens import TokenDataModule
 from lightgen.extract import array_kind, extract_rank
@@ -241,9 +241,7 @@ def test_token_module_refuses_another_tokenizer(images, tmp_path):
     cases = {
         "32-code tokenizer, but this run's first stage has 1024 codes": dict(expected_codebook_size=1024),
         "on a 8x8 grid, but this run's tokenizer makes 16x16": dict(expected_token_size=16),
-        "checkpoint of SHA-256 .*, but this run's first stage has checkpoint .*other.pt": dict(
-            expected_checkpoint=other
-        ),
+        "vq.pt of SHA-256 .*, but this run's first stage has checkpoint .*other.pt": dict(expected_checkpoint=other),
         "but this run's first stage has no checkpoint": dict(expected_checkpoint=None),
         "holds tokens of first stage .*VQFirstStage, but this run uses .*KLAutoencoder": dict(
             expected_first_stage="lightgen.first_stage.kl.KLAutoencoder"
@@ -287,3 +285,42 @@ def test_litdata_backend_streams_tokens(images, reference, tmp_path):
     views.update({t.numpy().tobytes(): (i, 1) for i, t in enumerate(reference[1])})
     seen = [views[t.numpy().tobytes()] for b in batches for t in b["tokens"]]
     assert sorted(i for i, _ in seen) == list(range(N)) and 0 < sum(v for _, v in seen) < N
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_extract_cli_tokenizes_fashion_mnist_resumes_and_refuses_another_checkpoint(fake_fashion_mnist, tmp_path):
+    """`python -m lightgen.extract first_stage=vq_small first_stage.checkpoint=... out=...` (narrow widths)."""
+    narrow = ["first_stage.block_out_channels=[32,32,32]", "first_stage.z_channels=32"]
+    narrow.append("first_stage.layers_per_block=1")
+    cfg = compose(["first_stage=vq_small", *narrow], config_name="extract")
+    torch.manual_seed(0)
+    fs = instantiate(cfg.first_stage)
+    ckpt = save_checkpoint(fs, tmp_path / "vq.pt")
+    torch.manual_seed(1)
+    other = save_checkpoint(instantiate(cfg.first_stage), tmp_path / "other.pt")
+    out = tmp_path / "tok"
+    args = ["data=fashion_mnist", f"data.root={fake_fashion_mnist}", "first_stage=vq_small", *narrow,
+            f"out={out}", "shard_size=64", "flips=true", "progress=false", f"hydra.run.dir={tmp_path}/ex"]  # fmt: skip
+    proc = run_cli("extract", *args, f"first_stage.checkpoint={ckpt}")
+    assert "4 shards written, 0 already complete" in proc.stdout and "data=tokens" in proc.stdout
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["kind"] == "tokens" and m["num_samples"] == 200 and m["codebook_size"] == 512
+    assert m["token_shape"] == [8, 8] and len(m["tokenizer_sha256"]) == 64
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = run_cli("extract", *args, f"first_stage.checkpoint={other}", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("lightgen.extract: error:") and "other.pt" in bad.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # data=tokens of the run's tokenizer reads them: the tokens of the images and of the flipped images
+    cfg = compose(["data=tokens", f"data.path={out}", "first_stage=vq_small", f"first_stage.checkpoint={ckpt}"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    batch = dm.dataset.__getitems__([0, 5, 200 + 5])
+    src = FashionMNISTDataModule(root=str(fake_fashion_mnist), batch_size=8)
+    src.setup()
+    x = src.dataset.__getitems__([0, 5])["image"]
+    fs.eval()
+    assert torch.equal(batch["tokens"][:2], fs.encode_to_indices(x))
+    assert torch.equal(batch["tokens"][2], fs.encode_to_indices(x.flip(-1))[1])
+    assert dm.random_flip is True and dm.num_classes == 10

@@ -296,8 +296,9 @@ def check_tokenizer(
                 return "no checkpoint (random weights)"
             return f"checkpoint {path + ' ' if path else ''}of SHA-256 {digest[:12]}…"
 
+        stored_path = ((manifest.get("first_stage") or {}).get("config") or {}).get("checkpoint")
         raise LightgenConfigError(
-            f"{where} holds tokens of a tokenizer with {name(stored)}, but this run's first stage has "
+            f"{where} holds tokens of a tokenizer with {name(stored, stored_path)}, but this run's first stage has "
             f"{name(checkpoint_sha256, checkpoint)}; set first_stage.checkpoint to the tokenizer they were "
             f"extracted with, or extract its tokens into another directory."
         )
