@@ -282,6 +282,8 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
             raise LightgenConfigError("out=<directory> is required: where to write the latent shards.")
         rank, world = dist_env()
         datamodule, dataset, first_stage = _build_inputs(cfg)
+        if array_kind(first_stage) == "tokens" and hasattr(first_stage, "_require_weights"):
+            first_stage._require_weights()  # a pretrained-only tokenizer without its checkpoint: refuse now
         fs_config = OmegaConf.to_container(cfg.first_stage, resolve=True)
         kwargs = dict(
             rank=rank,

@@ -324,3 +324,19 @@ def test_extract_cli_tokenizes_fashion_mnist_resumes_and_refuses_another_checkpo
     assert torch.equal(batch["tokens"][:2], fs.encode_to_indices(x))
     assert torch.equal(batch["tokens"][2], fs.encode_to_indices(x.flip(-1))[1])
     assert dm.random_flip is True and dm.num_classes == 10
+
+
+@pytest.mark.slow  # builds the 72M-parameter VQGAN
+def test_pretrained_tokenizer_without_checkpoint_is_refused_before_work(tmp_path, capsys):
+    from lightgen.extract import extract as extract_cli
+
+    out = tmp_path / "tok"
+    cfg = compose(
+        ["data=synthetic", "data.channels=3", "first_stage=vqgan_f16_1024", "first_stage.token_size=2", f"out={out}"],
+        config_name="extract",
+    )
+    with pytest.raises(SystemExit) as exit_:
+        extract_cli(cfg)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "first_stage.checkpoint" in err
+    assert not out.exists()
