@@ -220,17 +220,8 @@ def extract_rank(
         raise LightgenConfigError("shard_size and batch_size must be positive.")
     out = Path(out)
     n = len(dataset)
-    plan = make_plan(
-        first_stage,
-        n,
-        world_size=world_size,
-        shard_size=shard_size,
-        flips=flips,
-        seed=seed,
-        first_stage_config=first_stage_config,
-        source=source,
-        num_classes=num_classes,
-    )
+    plan = make_plan(first_stage, n, world_size=world_size, shard_size=shard_size, flips=flips, seed=seed,
+                     first_stage_config=first_stage_config, source=source, num_classes=num_classes)  # fmt: skip
     writer, shards, todo = _open_rank_output(out, rank, plan)
     first_stage = first_stage.to(device).eval()
     with progress_bar(progress) as bar:

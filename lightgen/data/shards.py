@@ -208,16 +208,8 @@ def first_stage_difference(stored: Mapping, expected: Any, ignore: tuple[str, ..
     return None
 
 
-def check_matches(
-    manifest: Mapping,
-    where: str | Path,
-    expected_first_stage: Any = None,
-    expected_shape=None,
-    plan: Mapping | None = None,
-    kind: str | None = None,
-) -> None:
-    """Raise one sentence if the shards at ``where`` are another kind (latents / tokens, ``kind`` or the
-    plan's), or were made by another first stage / shape (/ plan: tokenizer, settings)."""
+def _check_kind(manifest: Mapping, where, plan: Mapping | None, kind: str | None) -> str:
+    """The kind (latents / tokens) the shards hold; one sentence if it is not the one wanted."""
     stored_kind = manifest_kind(manifest)
     want_kind = kind or (manifest_kind(plan) if plan is not None else stored_kind)
     if stored_kind != want_kind:
@@ -229,6 +221,36 @@ def check_matches(
             f"{where} holds {stored_kind}, but data={want_kind} reads {want_kind}; use data={stored_kind} with it, or "
             f"extract {want_kind} into another directory."
         )
+    return stored_kind
+
+
+def _check_same_settings(manifest: Mapping, where, plan: Mapping) -> None:
+    """One sentence if an extraction is resumed with other settings than the ones it started with."""
+    for key, what in (
+        ("num_samples", "samples"),
+        ("flips", "flips"),
+        ("world_size", "processes"),
+        ("shard_size", "shard_size"),
+        ("seed", "seed"),
+    ):
+        if manifest.get(key) != plan.get(key):
+            raise LightgenConfigError(
+                f"{where} was extracted with {what}={manifest.get(key)}, not {plan.get(key)}; re-run with the same "
+                f"settings to resume it, or extract into another directory."
+            )
+
+
+def check_matches(
+    manifest: Mapping,
+    where: str | Path,
+    expected_first_stage: Any = None,
+    expected_shape=None,
+    plan: Mapping | None = None,
+    kind: str | None = None,
+) -> None:
+    """Raise one sentence if the shards at ``where`` are another kind (latents / tokens, ``kind`` or the
+    plan's), or were made by another first stage / shape (/ plan: tokenizer, settings)."""
+    stored_kind = _check_kind(manifest, where, plan, kind)
     tokens = stored_kind == "tokens"
     diff = first_stage_difference(
         manifest.get("first_stage") or {}, expected_first_stage, ignore=("checkpoint",) if tokens else ()
@@ -260,18 +282,7 @@ def check_matches(
             f"{where} holds latents scaled by {manifest.get('scale_factor')}, but this extraction scales by "
             f"{plan['scale_factor']}; extract into another directory."
         )
-    for key, what in (
-        ("num_samples", "samples"),
-        ("flips", "flips"),
-        ("world_size", "processes"),
-        ("shard_size", "shard_size"),
-        ("seed", "seed"),
-    ):
-        if manifest.get(key) != plan.get(key):
-            raise LightgenConfigError(
-                f"{where} was extracted with {what}={manifest.get(key)}, not {plan.get(key)}; re-run with the same "
-                f"settings to resume it, or extract into another directory."
-            )
+    _check_same_settings(manifest, where, plan)
 
 
 def check_tokenizer(
