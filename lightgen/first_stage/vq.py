@@ -16,7 +16,8 @@ distance ``|z|² + |e|² − 2 z·e`` to ``quant_conv(encoder(x))``.
 
 Quantizer seam: ``self.quantizer`` (``self.vq.quantize``, so checkpoints keep taming's
 ``quantize.embedding.weight``) is any module with ``embedding`` (an ``nn.Embedding(K, D)``) whose
-``forward(z)`` returns ``(z_q, loss, info)`` with the indices in ``info[-1]`` (diffusers' convention).
+``forward(z)`` returns ``(z_q, loss, info)`` with the indices in ``info["indices"]`` (a dict: lightgen's
+:class:`~lightgen.first_stage.quantize.VectorQuantizer`) or ``info[-1]`` (a tuple: diffusers' convention).
 Tokenising and decoding read only ``quantizer.embedding.weight``; only :meth:`forward` (training) calls
 the quantizer. The default is diffusers' ``VectorQuantizer`` (β = 0.25 with taming's legacy placement);
 pass ``quantizer=`` (e.g. lightgen's configurable quantizer) to replace it.
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightgen.first_stage.quantize import STAT_BUFFERS
 from lightgen.utils.errors import LightgenConfigError
 
 
@@ -216,7 +218,10 @@ class VQFirstStage(nn.Module):
         obj = load_vq_file(Path(source).expanduser()) if isinstance(source, (str, os.PathLike)) else source
         state = vq_model_state_dict(obj, where)
         target = self.vq.state_dict()
-        missing = sorted(set(target) - set(state))
+        # usage / EMA statistics of lightgen's quantizer: optional (it restarts them for a bare codebook)
+        stats = {"quantize." + name for name in STAT_BUFFERS}
+        state = {k: v for k, v in state.items() if k in target or k not in stats}
+        missing = sorted(set(target) - set(state) - stats)
         unexpected = sorted(set(state) - set(target))
         shapes = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
         if missing or unexpected or shapes:
@@ -324,12 +329,21 @@ class VQFirstStage(nn.Module):
     def _decode(self, quantised: torch.Tensor) -> torch.Tensor:
         return self.vq.decoder(self.vq.post_quant_conv(quantised))
 
-    def forward(self, images: torch.Tensor):
-        """Training pass (with gradients, straight-through): ``(reconstruction, vq_loss, indices (N, h, w))``."""
+    def forward(self, images: torch.Tensor, return_info: bool = False):
+        """Training pass (with gradients, straight-through): ``(reconstruction, vq_loss, indices (N, h, w))``.
+
+        ``return_info=True`` returns ``(reconstruction, vq_loss, info)`` instead: the quantizer's statistics as a
+        dict with ``indices`` (N, h, w) (lightgen's quantizer: also ``usage``, ``perplexity`` and its loss terms;
+        a quantizer returning diffusers' tuple gives only ``indices``).
+        """
         z = self.encode_continuous(images)
         z_q, loss, info = self.quantizer(z)
-        indices = info[-1].reshape(z.shape[0], z.shape[2], z.shape[3])
-        return self._decode(z_q), loss, indices
+        raw = info["indices"] if isinstance(info, Mapping) else info[-1]  # lightgen's dict or diffusers' tuple
+        indices = raw.reshape(z.shape[0], z.shape[2], z.shape[3])
+        reconstruction = self._decode(z_q)
+        if return_info:
+            return reconstruction, loss, {**(info if isinstance(info, Mapping) else {}), "indices": indices}
+        return reconstruction, loss, indices
 
     @property
     def last_layer(self) -> torch.Tensor:
