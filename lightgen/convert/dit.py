@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightgen.nets.dit import DIT_CONFIGS
+from lightgen.utils.state_dicts import state_dict_mismatch
 
 _REQUIRED_KEYS = (
     "pos_embed",
@@ -161,23 +162,13 @@ def load_official_dit(net: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     sd = extract_dit_state_dict(path_or_state_dict)
     ckpt_cfg = infer_dit_config(sd)
     target = net.state_dict()
-    missing = sorted(set(target) - set(sd))
-    unexpected = sorted(set(sd) - set(target))
-    bad_shapes = [k for k in target if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)]
-    if missing or unexpected or bad_shapes:
+    detail = state_dict_mismatch(sd, target)
+    if detail:
         net_cfg = _net_config(net)
         net_desc = _describe(net_cfg) if net_cfg else type(net).__name__
-        detail = []
-        if bad_shapes:
-            k = bad_shapes[0]
-            detail.append(f"{k} is {tuple(sd[k].shape)} vs {tuple(target[k].shape)}")
-        if missing:
-            detail.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
         raise ValueError(
             f"The checkpoint looks like {_describe(ckpt_cfg)} but the network is {net_desc} "
-            f"({'; '.join(detail)}); build the network with the checkpoint's settings "
+            f"({detail}); build the network with the checkpoint's settings "
             "(see lightgen.convert.infer_dit_config) before loading."
         )
     net.load_state_dict(sd, strict=True)

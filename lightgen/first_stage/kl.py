@@ -243,7 +243,8 @@ class SmallKLAutoencoder(nn.Module):
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load an AutoencoderModule checkpoint (keys ``net.*``) or a plain state dict of this class."""
-        from lightgen.utils.checkpoints import load_checkpoint, net_state_dict
+        from lightgen.utils.checkpoints import load_checkpoint
+        from lightgen.utils.state_dicts import net_state_dict
 
         ckpt = load_checkpoint(path, mmap=False)
         state = net_state_dict(ckpt) if "state_dict" in ckpt else ckpt

@@ -34,6 +34,7 @@ from torch import nn
 
 from lightgen.first_stage.quantize import STAT_BUFFERS
 from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.state_dicts import state_dict_mismatch
 
 
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -221,22 +222,13 @@ class VQFirstStage(nn.Module):
         # usage / EMA statistics of lightgen's quantizer: optional (it restarts them for a bare codebook)
         stats = {"quantize." + name for name in STAT_BUFFERS}
         state = {k: v for k, v in state.items() if k in target or k not in stats}
-        missing = sorted(set(target) - set(state) - stats)
-        unexpected = sorted(set(state) - set(target))
-        shapes = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
-        if missing or unexpected or shapes:
+        detail = state_dict_mismatch(state, target, optional=stats)
+        if detail:
             from lightgen.convert.taming import describe_vq_state_dict
 
-            detail = []
-            if shapes:
-                detail.append(f"{shapes[0]} is {tuple(state[shapes[0]].shape)} vs {tuple(target[shapes[0]].shape)}")
-            if missing:
-                detail.append(f"{len(missing)} missing keys such as {missing[0]}")
-            if unexpected:
-                detail.append(f"{len(unexpected)} unexpected keys such as {unexpected[0]}")
             raise LightgenConfigError(
                 f"checkpoint {where} holds {describe_vq_state_dict(state)} but first_stage={self.name} is "
-                f"{_describe_arch(self.arch)} ({'; '.join(detail)}); use the first_stage settings it was trained with."
+                f"{_describe_arch(self.arch)} ({detail}); use the first_stage settings it was trained with."
             )
         self.vq.load_state_dict(state, strict=True)
         self.has_weights = True

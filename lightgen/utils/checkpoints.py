@@ -15,6 +15,7 @@ from torch import nn
 
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.io import atomic_write
+from lightgen.utils.state_dicts import net_state_dict
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,11 +44,6 @@ def load_checkpoint(path: str | Path, mmap: bool = True) -> dict:
         raise LightgenConfigError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated."
         ) from e
-
-
-def net_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The trained network's weights in a lightgen training checkpoint: keys ``net.*``, prefix dropped."""
-    return {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
