@@ -18,7 +18,7 @@ import copy
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightgen.utils.checkpoints import load_checkpoint
@@ -46,6 +46,61 @@ def _renamed_targets(node):
     if isinstance(node, list):
         return [_renamed_targets(v) for v in node]
     return node
+
+
+SCHEDULE_CHOICES = {
+    "gaussian": "schedule=linear or cosine",
+    "mask": "schedule=mask_cosine, mask_linear, mask_square, mask_cubic, mask_sqrt, mask_log or mask_exp",
+}
+
+
+def _process_class(cfg: DictConfig):
+    diffusion = cfg.get("diffusion")
+    if diffusion is None or not isinstance(diffusion, DictConfig) or "_target_" not in diffusion:
+        return None
+    try:
+        return get_class(diffusion._target_)
+    except Exception:  # an unknown target is reported by instantiate, with its own message
+        return None
+
+
+def check_composition(cfg: DictConfig) -> None:
+    """One sentence, before anything is built, when the chosen groups cannot work together.
+
+    * the ``schedule`` group's kind (``gaussian`` noise / ``mask`` schedules) must be the one the
+      ``diffusion`` process takes (its ``schedule_kind``);
+    * a token process (``data_kind = "tokens"``) needs a VQ tokenizer as ``first_stage``.
+    """
+    process = _process_class(cfg)
+    if process is None:
+        return
+    choices = _group_choices()
+    need = getattr(process, "schedule_kind", "gaussian")
+    schedule = cfg.get("schedule")
+    have = schedule.get("kind", "gaussian") if isinstance(schedule, DictConfig) else None
+    if have is not None and have != need:
+        raise LightgenConfigError(
+            f"diffusion={choices.get('diffusion', process.__name__)} needs a {need} schedule but "
+            f"schedule={choices.get('schedule', schedule.get('name'))} is a {have} schedule; select "
+            f"{SCHEDULE_CHOICES.get(need, 'a ' + need + ' schedule')}."
+        )
+    first_stage = cfg.get("first_stage")
+    if getattr(process, "data_kind", "latents") == "tokens" and isinstance(first_stage, DictConfig):
+        if "codebook_size" not in first_stage:
+            raise LightgenConfigError(
+                f"diffusion={choices.get('diffusion', process.__name__)} models VQ tokens but "
+                f"first_stage={choices.get('first_stage', first_stage.get('name'))} is not a VQ tokenizer; select "
+                f"first_stage=vq_fashion, vq_small or vqgan_f16_1024."
+            )
+
+
+def _group_choices() -> dict:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except ValueError:
+        return {}
 
 
 def build_method(method_cfg: DictConfig, config: dict | None = None):

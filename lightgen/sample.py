@@ -10,7 +10,7 @@ killed job re-run with the same settings samples only the missing batches), and 
 per class), ``sample_info.json`` (checkpoint, step, every setting, world size) and ``png/`` with ``png=true``.
 
 Settings left null (``sampler``, ``steps``, ``cfg_scale``, ``cfg_schedule``, ``scale_pow``, ``eta``,
-``guidance_channels``) are the run's ``method.sampling``. Labels: ``balanced`` | ``uniform`` | a list.
+``guidance_channels``, ``choice_temperature``) are the run's ``method.sampling``. Labels: ``balanced`` | ``uniform`` | a list.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from lightgen.compose import method_from_checkpoint
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import quiet_known_warnings, startup_errors
 
-SETTING_KEYS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "scale_pow", "eta", "guidance_channels")
+SETTING_KEYS = tuple(sampling.DEFAULTS)
 
 
 def settings_of(cfg: DictConfig, ckpt_path: Path, ckpt: dict, module) -> dict:
     """Everything that decides the samples (also what a resumed output directory must match)."""
     chosen = sampling.resolve_settings(module.sampling, {k: cfg.get(k) for k in SETTING_KEYS})
-    module.process.check_sampling(chosen["sampler"], chosen["steps"])
+    module.check_sampling(chosen)
     return {
         "ckpt": str(ckpt_path.resolve()),
         "global_step": int(ckpt.get("global_step", -1)),

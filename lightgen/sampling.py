@@ -2,7 +2,7 @@
 
 * **Settings** -- :func:`resolve_settings` fills a method's sampling defaults and a caller's overrides in
   one place (``sampler``, ``steps``, ``cfg_scale``, ``cfg_schedule``, ``scale_pow``, ``eta``,
-  ``guidance_channels``).
+  ``guidance_channels``, ``choice_temperature``); each process takes the ones its ``sampling_keys`` name.
 * **Which samples** -- N samples are cut into fixed batches of ``batch_size``; batch ``b`` holds samples
   ``b*B .. b*B+B-1`` (labels from :func:`make_labels`) and draws all its noise from a generator seeded by
   :func:`batch_seed` ``(seed, b)``; batch ``b`` goes to rank ``b mod W``. So the images depend on the
@@ -42,6 +42,7 @@ DEFAULTS = {
     "scale_pow": 4.0,  # power-cosine exponent (official 4)
     "eta": 0.0,  # DDIM only
     "guidance_channels": 3,  # guided eps channels: 3 = official DiT/MDT/DiffiT, "all" = standard CFG
+    "choice_temperature": 4.5,  # MaskGIT: Gumbel noise on the re-masking confidence, annealed to 0 (official 4.5)
 }
 
 
@@ -65,6 +66,7 @@ def resolve_settings(defaults: dict, overrides: dict | None = None) -> dict:
         "scale_pow": float(s["scale_pow"]),
         "eta": float(s["eta"]),
         "guidance_channels": s["guidance_channels"],
+        "choice_temperature": float(s["choice_temperature"]),
     }
 
 
@@ -164,7 +166,7 @@ def prepare_out(out: Path, settings: dict) -> None:
     for path in (info, parts):
         if path.is_file():
             old = json.loads(path.read_text())
-            old = {k: old.get(k) for k in settings}
+            old = {k: old.get(k, DEFAULTS.get(k)) for k in settings}  # a setting added later: its default
             if old != settings:
                 diff = ", ".join(f"{k}: {old[k]!r} -> {v!r}" for k, v in settings.items() if old[k] != v)
                 raise LightgenConfigError(

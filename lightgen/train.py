@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightgen.compose import build_method
+from lightgen.compose import build_method, check_composition
 from lightgen.utils import ddp_launch
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
 from lightgen.utils.errors import LightgenConfigError, first_line
@@ -28,6 +28,7 @@ from lightgen.utils.sweep import write_result
 
 def build(cfg: DictConfig):
     """Build and validate everything a run needs, writing nothing. Raises on bad input."""
+    check_composition(cfg)
     out = Path(cfg.paths.output_dir)
     if cfg.trainer.get("max_steps", -1) is None or int(cfg.trainer.max_steps) <= 0:
         raise LightgenConfigError("trainer.max_steps must be a positive step budget (training is step-based).")

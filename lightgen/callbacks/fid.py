@@ -50,6 +50,7 @@ class FIDCallback(pl.Callback):
         inception_batch_size: int = 64,
         seed: int = 0,
         grid_samples: int = 100,
+        ref_data=None,
         **sampling_overrides,
     ):
         self.every_n = int(every_n_steps)
@@ -62,6 +63,7 @@ class FIDCallback(pl.Callback):
         self.inception_batch_size = int(inception_batch_size)
         self.seed = int(seed)
         self.grid_samples = int(grid_samples)
+        self.ref_data = ref_data
         self.overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
         self.name = metric_name(self.num_samples)
         self.history: list[tuple[int, float]] = []
@@ -108,9 +110,13 @@ class FIDCallback(pl.Callback):
             return self._ref_stats
         from lightgen.data.reference_images import count_dataset, iter_dataset_images, reference_name
 
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "setup"):
-            raise LightgenConfigError("callbacks.fid.ref=data needs a DataModule with images; pass a reference .npz.")
+        dm = self.ref_data if self.ref_data is not None else trainer.datamodule
+        if dm is None or not hasattr(dm, "setup") or getattr(dm, "KIND", None) in ("latents", "tokens"):
+            raise LightgenConfigError(
+                "callbacks.fid.ref=data needs a DataModule with images, but the training data holds extracted "
+                "latents or tokens; set callbacks.fid.ref_data to the image data (e.g. the experiment's "
+                "`/data@callbacks.fid.ref_data: fashion_mnist` default) or pass a reference .npz."
+            )
         num = self.ref_num
         if num is not None:
             num = min(num, count_dataset(dm))

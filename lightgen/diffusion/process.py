@@ -7,8 +7,13 @@ first stage, EMA and an optimiser, and delegates to the process:
 
 * ``training_losses(net, x0, cond) -> (loss, terms)`` -- draws its own t (and mask), returns the loss
   to optimise and a dict of scalar terms to log;
-* ``sample(net, shape, cond, guider, generator, ...) -> x0`` -- the whole sampling loop, with
-  classifier-free guidance supplied as a :class:`~lightgen.diffusion.guidance.Guider`.
+* ``sample(net, shape, cond, guider, generator, **settings) -> x0`` -- the whole sampling loop, with
+  classifier-free guidance supplied as a :class:`~lightgen.diffusion.guidance.Guider` and the sampling
+  settings named by ``sampling_keys``.
+
+Class attributes tell the LightningModule and the config checks what the process needs:
+``sampling_keys``, ``guidance_on`` (what the guider combines), ``schedule_kind`` (the kind of the
+``schedule`` group it takes) and ``data_kind`` (``latents`` or ``tokens``).
 
 MaskGIT's and VQ-Diffusion's token processes implement the same two methods.
 """
@@ -31,6 +36,14 @@ class Process:
 
     num_timesteps: int = 1000
     samplers: tuple[str, ...] = ()
+    # the sampling settings (lightgen.sampling.DEFAULTS) that ``sample`` and ``check_sampling`` take
+    sampling_keys: tuple[str, ...] = ("sampler", "steps")
+    # what classifier-free guidance combines (a Guider's ``on``): eps | logits | log_probs
+    guidance_on: str = "eps"
+    # the `schedule` group kind this process needs (gaussian | mask | discrete); checked at start-up
+    schedule_kind: str = "gaussian"
+    # what the net models: "latents" (continuous, first_stage.encode) or "tokens" (first_stage.encode_to_indices)
+    data_kind: str = "latents"
 
     def prepare_net(self, net) -> None:
         """Check that ``net`` fits this process (one sentence if not) and set what training needs."""
@@ -38,8 +51,8 @@ class Process:
     def training_losses(self, net, x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def check_sampling(self, sampler: str, steps: int) -> None:
-        """Raise one sentence for sampling settings this process cannot run."""
+    def check_sampling(self, sampler: str, steps: int, **settings) -> None:
+        """Raise one sentence for sampling settings this process cannot run (``sampling_keys`` of them)."""
 
     def sample(self, net, shape, cond: dict, guider: Guider, generator=None, **settings) -> torch.Tensor:
         raise NotImplementedError
@@ -62,6 +75,7 @@ class GaussianDiffusionProcess(Process):
     """
 
     samplers = SAMPLERS
+    sampling_keys = ("sampler", "steps", "eta")
 
     def __init__(self, masking=None, **adm_settings):
         self.adm_settings = adm_settings
@@ -107,7 +121,7 @@ class GaussianDiffusionProcess(Process):
         return loss, logged
 
     # -- sampling -------------------------------------------------------------------------------
-    def check_sampling(self, sampler: str, steps: int) -> None:
+    def check_sampling(self, sampler: str, steps: int, eta: float = 0.0) -> None:
         self.sampling_diffusion(sampler, steps)
 
     def sampling_diffusion(self, sampler: str, steps: int):

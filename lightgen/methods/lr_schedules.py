@@ -17,3 +17,13 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def warmup_constant(optimizer, warmup_steps: int) -> LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then constant (MaskGIT's schedule; same warm-up as
+    :func:`warmup_cosine`: the first step already uses ``1 / warmup_steps`` of the rate)."""
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / max(1, warmup_steps))
+
+    return LambdaLR(optimizer, factor)
