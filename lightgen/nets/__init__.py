@@ -21,6 +21,7 @@ from .layers import (
     unpatchify,
     zero_init,
 )
+from .maskgit import MaskGIT
 from .mdt import MDT, MDT_CONFIGS, MDTAttention, MDTBlock, RelativePositionBias
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "DiTBlock",
     "FinalLayer",
     "LabelEmbedder",
+    "MaskGIT",
     "MDT",
     "MDT_CONFIGS",
     "MDTAttention",
