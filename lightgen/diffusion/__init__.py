@@ -1,4 +1,5 @@
-"""Generative processes. The Gaussian one follows ADM / IDDPM as used by DiT.
+"""Generative processes. The Gaussian one follows ADM / IDDPM as used by DiT; MaskGIT's token process
+(:class:`MaskGITProcess`, with its mask schedules :class:`MaskSchedule`) follows the official MaskGIT code.
 
 ``create_diffusion`` is the factory: training uses ``create_diffusion("")`` (all 1000 steps),
 sampling ``create_diffusion("250")`` (250 respaced steps, the model still sees steps 0..999).
@@ -93,6 +94,8 @@ def create_diffusion(
 
 # The processes build on create_diffusion above (imported last: process.py imports it from here).
 from lightgen.diffusion.guidance import Guider  # noqa: E402
+from lightgen.diffusion.mask_schedules import MASK_SCHEDULES, MaskSchedule  # noqa: E402
+from lightgen.diffusion.maskgit import MaskGITProcess  # noqa: E402
 from lightgen.diffusion.process import GaussianDiffusionProcess, Process  # noqa: E402
 
-__all__ += ["GaussianDiffusionProcess", "Guider", "Process"]
+__all__ += ["GaussianDiffusionProcess", "Guider", "MASK_SCHEDULES", "MaskGITProcess", "MaskSchedule", "Process"]
