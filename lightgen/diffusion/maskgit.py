@@ -62,6 +62,7 @@ class MaskGITProcess(Process):
     schedule_kind = "mask"
     sampling_keys = ("sampler", "steps", "choice_temperature")
     num_timesteps = 1  # the time axis is continuous, t in [0, 1] (see the module docstring)
+    data_kind = "tokens"
 
     def __init__(self, schedule: MaskSchedule, label_smoothing: float = 0.1, loss_on: str = "masked"):
         if getattr(schedule, "kind", None) != self.schedule_kind:
