@@ -405,7 +405,7 @@ def evaluate_tokenizer(cfg: DictConfig, console: Console) -> dict:
         "metrics": tokenizer_metrics(cfg, stats, pools, ref),
         "num_images": n,
         **record,
-        "rfid": None
+        "rfid_definition": None
         if pools is None
         else "FID between the reconstructions and the same original images (pool3 statistics of both sets)",
         "ref": None if ref_path is None else str(ref_path),

@@ -175,4 +175,4 @@ def test_a_run_that_fails_midway_leaves_the_existing_json_intact(tmp_path, monke
     assert out.read_text() == "old" and list(tmp_path.iterdir()) == [out]
     monkeypatch.undo()
     result = run(cfg)  # the same command, not broken: replaces it (overwrite=true), atomically
-    assert json.loads(out.read_text()) == result and result["rfid"] is None and result["metrics"]["psnr"] > 0
+    assert json.loads(out.read_text()) == result and result["rfid_definition"] is None and result["metrics"]["psnr"] > 0
