@@ -11,6 +11,13 @@ writes reference statistics of a dataset in ADM's ``VIRTUAL_imagenet256_labeled.
 ``ref`` is ADM's reference batch, a lightgen reference, any samples ``.npz`` / image folder (statistics
 computed on the fly), or ``data`` (the ``data`` config group, computed once and cached under
 ``<paths.data_dir>/fid_refs/``).
+
+``python -m lightgen.evaluate tokenizer first_stage=vq_small first_stage.checkpoint=<ckpt> data=fashion_mnist
+data.split=test num_samples=1000`` reconstructs ``num_samples`` images of the data split through a VQ tokenizer
+(``encode_to_indices`` -> ``decode_indices``) and writes (JSON) and prints rFID (reconstructions vs the same
+original images, the FID Inception and preprocessing of sample evaluation), PSNR, SSIM, codebook usage and
+perplexity (``lightgen.metrics.reconstruction``); with ``ref=...`` also the FID of the reconstructions (and of the
+originals) against that reference.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.io import atomic_write
 
-MODES = ("eval", "make_ref")
+MODES = ("eval", "make_ref", "tokenizer")
 
 
 def resolve_samples(path: str | Path) -> Path:
@@ -68,11 +75,7 @@ def data_reference(cfg: DictConfig, extractor, console: Console, out: Path | Non
 def make_extractor(cfg: DictConfig):
     from lightgen.metrics import InceptionFeatures
 
-    device = cfg.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(cfg.device)
     return InceptionFeatures(cfg.inception_weights, device=device, allow_download=bool(cfg.allow_download))
 
 
@@ -196,13 +199,246 @@ def evaluate(cfg: DictConfig, console: Console) -> dict:
     return result
 
 
+# -- tokenizer mode ------------------------------------------------------------------------------
+TOKENIZER_OPTIONS = "first_stage=vq_small (with first_stage.checkpoint=<ckpt>) or first_stage=vqgan_f16_1024"
+
+
+def first_stage_name(cfg: DictConfig) -> str:
+    """The ``first_stage`` group option on the command line (else the config's ``name`` or its target)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("first_stage")
+        if choice:
+            return str(choice)
+    except ValueError:  # not under @hydra.main (tests composing a config)
+        pass
+    return str(cfg.first_stage.get("name") or cfg.first_stage.get("_target_"))
+
+
+def check_tokenizer_config(cfg: DictConfig) -> None:
+    """A first stage whose class has ``encode_to_indices`` (a VQ tokenizer), before building anything."""
+    from hydra.utils import get_class
+
+    target = cfg.first_stage.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 - any import failure: not something lightgen can tokenise with
+        cls = None
+    if cls is None or not callable(getattr(cls, "encode_to_indices", None)):
+        raise LightgenConfigError(
+            f"first_stage={first_stage_name(cfg)} is not a VQ tokenizer (it has no encode_to_indices), so "
+            f"`lightgen.evaluate tokenizer` cannot reconstruct through it; use {TOKENIZER_OPTIONS}."
+        )
+
+
+def tokenizer_data(cfg: DictConfig):
+    """(DataModule, its dataset, the number of images to evaluate), checked before any work."""
+    from lightgen.data.reference_images import count_dataset
+
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "check"):
+        datamodule.check()
+    total = count_dataset(datamodule)
+    dataset = datamodule.dataset
+    if dataset is None or not hasattr(dataset, "__getitems__") or "image" not in dataset.__getitems__([0]):
+        raise LightgenConfigError(
+            f"data={cfg.data.get('_target_')} yields no images to reconstruct; use an image dataset "
+            f"(data=fashion_mnist, imagenet or synthetic)."
+        )
+    n = total if cfg.num_samples is None else int(cfg.num_samples)
+    least = 2 if cfg.rfid else 1
+    if not least <= n <= total:
+        raise LightgenConfigError(
+            f"num_samples={n} but the {getattr(datamodule, 'split', 'data')} split holds {total} images "
+            f"(need {least}..{total}{'; rFID needs 2' if cfg.rfid else ''})."
+        )
+    return datamodule, dataset, n
+
+
+def tokenizer_out(cfg: DictConfig, datamodule, n: int) -> Path:
+    """``out``, else ``<checkpoint stem>_tokenizer_<split>_n<N>.json`` beside the checkpoint (without one: in
+    the working directory, ``tokenizer_<name>_<split>_n<N>.json``); refused when it exists (``overwrite=true``
+    replaces it) or its folder cannot be written."""
+    import os
+
+    split = getattr(datamodule, "split", None) or type(datamodule).__name__.replace("DataModule", "").lower()
+    checkpoint = cfg.first_stage.get("checkpoint")
+    if cfg.out:
+        out = Path(cfg.out)
+    elif checkpoint:
+        out = Path(str(checkpoint)).expanduser()
+        out = out.with_name(f"{out.stem}_tokenizer_{split}_n{n}.json")
+    else:
+        out = Path(f"tokenizer_{first_stage_name(cfg)}_{split}_n{n}.json")
+    if out.exists() and not cfg.overwrite:
+        raise LightgenConfigError(f"{out} already exists; choose another out=... or pass overwrite=true.")
+    folder = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise LightgenConfigError(f"out={out} cannot be written (is {folder} a writable folder?); pass another out=...")
+    return out
+
+
+def build_tokenizer(cfg: DictConfig, dataset, device: str):
+    """The tokenizer (its constructor checks that its downsampling divides the image size), with weights when it is
+    pretrained-only, matching the images' channels and size."""
+    fs = instantiate(cfg.first_stage)
+    if hasattr(fs, "_require_weights"):
+        fs._require_weights()  # a pretrained-only tokenizer without its checkpoint: one sentence
+    shape = tuple(dataset.__getitems__([0])["image"].shape[1:])
+    want = (int(fs.channels), int(fs.image_size), int(fs.image_size))
+    if shape != want:
+        raise LightgenConfigError(
+            f"first_stage={first_stage_name(cfg)} takes {want[0]} x {want[1]} x {want[2]} images but "
+            f"data={cfg.data.get('_target_')} gives {shape[0]} x {shape[1]} x {shape[2]}; set data.channels / "
+            f"data.image_size (or first_stage.channels / image_size) to match."
+        )
+    return fs.to(device).eval()
+
+
+def tokenizer_record(cfg: DictConfig, fs) -> dict:
+    """What identifies the tokenizer: class, resolved settings, checkpoint path and its SHA-256 (when a file)."""
+    from omegaconf import OmegaConf
+
+    from lightgen.data.shards import sha256_file
+
+    checkpoint = getattr(fs, "checkpoint", None)
+    is_file = checkpoint is not None and Path(checkpoint).expanduser().is_file()
+    cls = type(fs)
+    return {
+        "name": first_stage_name(cfg),
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "config": OmegaConf.to_container(cfg.first_stage, resolve=True),
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": sha256_file(Path(checkpoint).expanduser()) if is_file else None,
+        "codebook_size": int(fs.codebook_size),
+        "token_size": int(fs.token_size),
+        "parameters": sum(p.numel() for p in fs.parameters()),
+    }
+
+
+def data_record(cfg: DictConfig, datamodule, n: int, total: int) -> dict:
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    keep = ("_target_", "root", "split", "image_size", "channels", "num_classes")
+    return {
+        **{k.strip("_"): data[k] for k in keep if k in data},
+        "num_images_in_split": total,
+        "subset": "all" if n == total else f"{n} images, seeded random choice (seed={int(cfg.seed)})",
+    }
+
+
+def reconstruct(fs, batches, n: int, device, extractor=None, progress: bool = True):
+    """Encode to indices and decode every uint8 (B, H, W, C) batch: (ReconstructionStats, Inception pool3
+    accumulators of the originals and the reconstructions, or None without an extractor)."""
+    import torch
+
+    from lightgen.metrics import FeatureStatsAccumulator
+    from lightgen.metrics.inception import NUM_POOL
+    from lightgen.metrics.reconstruction import ReconstructionStats
+    from lightgen.utils.image_grids import to_uint8
+    from lightgen.utils.progress import progress_bar
+
+    stats = ReconstructionStats(fs.codebook_size)
+    pools = None if extractor is None else {k: FeatureStatsAccumulator(NUM_POOL) for k in ("originals", "recon")}
+    with progress_bar(progress) as bar, torch.no_grad():
+        task = bar.add_task("tokenizer: reconstruct" + (" + inception" if pools else ""), total=n)
+        for originals in batches:
+            x = torch.from_numpy(originals).permute(0, 3, 1, 2).to(device).float().div_(127.5).sub_(1.0)
+            indices = fs.encode_to_indices(x)
+            recon = to_uint8(fs.decode_indices(indices)).numpy()  # quantised as lightgen.sample saves samples
+            stats.update(originals, recon, indices)
+            if pools is not None:
+                pools["originals"].update(extractor.features(originals)["pool"])
+                pools["recon"].update(extractor.features(recon)["pool"])
+            bar.advance(task, len(originals))
+    return stats, pools
+
+
+def tokenizer_metrics(cfg: DictConfig, stats, pools, ref) -> dict:
+    """PSNR, SSIM, codebook usage/perplexity; rFID (and FID against ``ref``) from the pool3 statistics."""
+    metrics = stats.compute()
+    if pools is not None:
+        method = str(cfg.fd_method)
+        originals, recon = pools["originals"].compute(), pools["recon"].compute()
+        metrics = {"rfid": recon.frechet_distance(originals, method=method), **metrics}
+        if ref is not None:
+            metrics["fid_ref"] = recon.frechet_distance(ref.pool, method=method)
+            metrics["fid_ref_originals"] = originals.frechet_distance(ref.pool, method=method)
+    return metrics
+
+
+def print_tokenizer_result(result: dict, out: Path, console: Console) -> None:
+    split = result["data"].get("split")
+    title = f"{result['tokenizer']['name']}: {result['num_images']} {split + ' ' if split else ''}images reconstructed"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        table.add_row(k, str(v) if isinstance(v, int) else f"{v:.4f}")
+    Console().print(table)
+    console.log(f"wrote {out}")
+
+
+def evaluate_tokenizer(cfg: DictConfig, console: Console) -> dict:
+    """Reconstruct ``num_samples`` images of ``cfg.data`` through ``cfg.first_stage`` and measure them."""
+    from lightgen.data.reference_images import iter_dataset_images
+
+    with startup_errors("lightgen.evaluate"):
+        check_tokenizer_config(cfg)
+        datamodule, dataset, n = tokenizer_data(cfg)
+        out = tokenizer_out(cfg, datamodule, n)
+        if cfg.ref is not None and str(cfg.ref) != "data" and not Path(cfg.ref).exists():
+            raise LightgenConfigError(f"ref={cfg.ref} does not exist; pass a reference .npz, a folder or ref=data.")
+        if cfg.ref is not None and not cfg.rfid:
+            raise LightgenConfigError("ref=... needs the Inception features; drop rfid=false or the ref.")
+        device = _device(cfg.device)
+        fs = build_tokenizer(cfg, dataset, device)
+        extractor = make_extractor(cfg) if cfg.rfid else None
+        record = {"tokenizer": tokenizer_record(cfg, fs), "data": data_record(cfg, datamodule, n, len(dataset))}
+    t0 = time.perf_counter()
+    ref, ref_path = load_eval_reference(cfg, extractor, console) if cfg.ref is not None else (None, None)
+    batches = iter_dataset_images(datamodule, None if n == len(dataset) else n, int(cfg.seed), int(cfg.batch_size))
+    stats, pools = reconstruct(fs, batches, n, device, extractor)
+    result = {
+        "metrics": tokenizer_metrics(cfg, stats, pools, ref),
+        "num_images": n,
+        **record,
+        "rfid_definition": None
+        if pools is None
+        else "FID between the reconstructions and the same original images (pool3 statistics of both sets)",
+        "ref": None if ref_path is None else str(ref_path),
+        "num_ref": None if ref is None else ref.pool.count,
+        "fd_method": str(cfg.fd_method),
+        "inception_weights": None if extractor is None else str(extractor.weights_path),
+        "preprocessing": "originals: the dataset's uint8 images; reconstructions: decode_indices -> uint8 as "
+        "lightgen.sample saves samples (127.5 x + 128, clamped); FID: uint8 -> TF1 bilinear resize to 299 -> "
+        "(x - 128) / 128 (ADM evaluator); PSNR / SSIM: uint8 / 255 (data_range 1), mean over images",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print_tokenizer_result(result, out, console)
+    return result
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def run(cfg: DictConfig) -> dict | Path:
     console = Console(stderr=True)
     with startup_errors("lightgen.evaluate"):
         if cfg.mode not in MODES:
-            raise LightgenConfigError(f"mode={cfg.mode!r} is not known; use eval (default) or make_ref.")
+            raise LightgenConfigError(f"mode={cfg.mode!r} is not known; use eval (default), make_ref or tokenizer.")
     if cfg.mode == "make_ref":
         return make_ref(cfg, console)
+    if cfg.mode == "tokenizer":
+        return evaluate_tokenizer(cfg, console)
     return evaluate(cfg, console)
 
 
