@@ -182,7 +182,8 @@ class Guider:
         if null is None:
             raise ValueError(
                 "classifier-free guidance needs a net trained with label dropout (a null class); "
-                "sample with cfg_scale=1 or train with model.class_dropout_prob > 0."
+                "sample with cfg_scale=1 or train with label dropout (model.class_dropout_prob > 0; MaskGIT: "
+                "model.cfg_dropout > 0)."
             )
         return {k: torch.full_like(v, null) if k == "y" else v for k, v in cond.items()}
 

@@ -1,0 +1,53 @@
+"""Figures of a quickstart_maskgit run: loss and masked-token accuracy curves, the sample grid, a summary.
+
+    python experiments/quickstart_maskgit/figures.py <run dir> [out dir]
+
+Reads <run dir>/metrics.csv, the last grid in <run dir>/samples/ and result.json; writes loss.png, acc.png,
+grid.png and summary.json into the out dir (default: this folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from lightgen.utils.plots import plot_curves, smooth
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def main(run: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    steps, loss = series(rows, "train/loss")
+    _, acc = series(rows, "train/acc")
+    plot_curves({"train/loss": (steps, loss), "smoothed": (steps, smooth(loss))}, out / "loss.png",
+                title="MaskGIT quickstart", ylabel="label-smoothed CE on masked tokens (nats)")
+    plot_curves({"train/acc": (steps, acc), "smoothed": (steps, smooth(acc))}, out / "acc.png",
+                title="MaskGIT quickstart", ylabel="masked-token accuracy")
+    grids = sorted((run / "samples").glob("step_*.png"))
+    if grids:
+        shutil.copy(grids[-1], out / "grid.png")
+    result = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else {}
+    fid = [float(r["val/fid1k"]) for r in rows if r.get("val/fid1k")]
+    ips = [float(r["train/images_per_sec"]) for r in rows if r.get("train/images_per_sec")]
+    summary = {
+        "steps": steps[-1] + 1 if steps else 0,
+        "final_loss_smoothed": smooth(loss)[-1] if loss else None,
+        "final_acc_smoothed": smooth(acc)[-1] if acc else None,
+        "fid1k": fid[-1] if fid else None,
+        "median_images_per_sec": sorted(ips)[len(ips) // 2] if ips else None,
+        "result": result,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent)
