@@ -23,6 +23,7 @@ from .layers import (
 )
 from .maskgit import MaskGIT
 from .mdt import MDT, MDT_CONFIGS, MDTAttention, MDTBlock, RelativePositionBias
+from .vq_diffusion import VQDiffusion
 
 __all__ = [
     "ClassConditional",
@@ -45,6 +46,7 @@ __all__ = [
     "MDTBlock",
     "RelativePositionBias",
     "TimestepEmbedder",
+    "VQDiffusion",
     "check_heads",
     "check_mlp_ratio_and_dropout",
     "check_net_inputs",
