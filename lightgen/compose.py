@@ -51,6 +51,7 @@ def _renamed_targets(node):
 SCHEDULE_CHOICES = {
     "gaussian": "schedule=linear or cosine",
     "mask": "schedule=mask_cosine, mask_linear, mask_square, mask_cubic, mask_sqrt, mask_log or mask_exp",
+    "discrete": "schedule=vqd_alpha1 or vqd_mask_replace",
 }
 
 

@@ -10,7 +10,8 @@ killed job re-run with the same settings samples only the missing batches), and 
 per class), ``sample_info.json`` (checkpoint, step, every setting, world size) and ``png/`` with ``png=true``.
 
 Settings left null (``sampler``, ``steps``, ``cfg_scale``, ``cfg_schedule``, ``scale_pow``, ``eta``,
-``guidance_channels``, ``choice_temperature``) are the run's ``method.sampling``. Labels: ``balanced`` | ``uniform`` | a list.
+``guidance_channels``, ``choice_temperature``, ``truncation``, ``posterior``, ``purity_weight``) are the run's
+``method.sampling``. Labels: ``balanced`` | ``uniform`` | a list.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 * **Settings** -- :func:`resolve_settings` fills a method's sampling defaults and a caller's overrides in
   one place (``sampler``, ``steps``, ``cfg_scale``, ``cfg_schedule``, ``scale_pow``, ``eta``,
-  ``guidance_channels``, ``choice_temperature``); each process takes the ones its ``sampling_keys`` name.
+  ``guidance_channels``, ``choice_temperature``, ``truncation``, ``posterior``, ``purity_weight``); each process
+  takes the ones its ``sampling_keys`` name.
 * **Which samples** -- N samples are cut into fixed batches of ``batch_size``; batch ``b`` holds samples
   ``b*B .. b*B+B-1`` (labels from :func:`make_labels`) and draws all its noise from a generator seeded by
   :func:`batch_seed` ``(seed, b)``; batch ``b`` goes to rank ``b mod W``. So the images depend on the
@@ -43,6 +44,9 @@ DEFAULTS = {
     "eta": 0.0,  # DDIM only
     "guidance_channels": 3,  # guided eps channels: 3 = official DiT/MDT/DiffiT, "all" = standard CFG
     "choice_temperature": 4.5,  # MaskGIT: Gumbel noise on the re-masking confidence, annealed to 0 (official 4.5)
+    "truncation": 1.0,  # VQ-Diffusion: keep p(x0|x_t)'s classes within cumulative prob r (top{r}r; 1 = off)
+    "posterior": "official",  # VQ-Diffusion, steps < T: official (sample_fast's approximation) | exact
+    "purity_weight": 0.0,  # VQ-Diffusion sampler=purity: r of Improved VQ-Diffusion's Eq. 11 (official prior_weight 0)
 }
 
 
@@ -67,6 +71,9 @@ def resolve_settings(defaults: dict, overrides: dict | None = None) -> dict:
         "eta": float(s["eta"]),
         "guidance_channels": s["guidance_channels"],
         "choice_temperature": float(s["choice_temperature"]),
+        "truncation": float(s["truncation"]),
+        "posterior": str(s["posterior"]),
+        "purity_weight": float(s["purity_weight"]),
     }
 
 

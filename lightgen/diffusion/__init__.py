@@ -1,5 +1,6 @@
 """Generative processes. The Gaussian one follows ADM / IDDPM as used by DiT; MaskGIT's token process
-(:class:`MaskGITProcess`, with its mask schedules :class:`MaskSchedule`) follows the official MaskGIT code.
+(:class:`MaskGITProcess`, with its mask schedules :class:`MaskSchedule`) follows the official MaskGIT code,
+VQ-Diffusion's (:class:`VQDiffusionProcess`, with :class:`DiscreteSchedule`) the official VQ-Diffusion code.
 
 ``create_diffusion`` is the factory: training uses ``create_diffusion("")`` (all 1000 steps),
 sampling ``create_diffusion("250")`` (250 respaced steps, the model still sees steps 0..999).
@@ -97,5 +98,15 @@ from lightgen.diffusion.guidance import Guider  # noqa: E402
 from lightgen.diffusion.mask_schedules import MASK_SCHEDULES, MaskSchedule  # noqa: E402
 from lightgen.diffusion.maskgit import MaskGITProcess  # noqa: E402
 from lightgen.diffusion.process import GaussianDiffusionProcess, Process  # noqa: E402
+from lightgen.diffusion.vq_diffusion import DiscreteSchedule, VQDiffusionProcess  # noqa: E402
 
-__all__ += ["GaussianDiffusionProcess", "Guider", "MASK_SCHEDULES", "MaskGITProcess", "MaskSchedule", "Process"]
+__all__ += [
+    "DiscreteSchedule",
+    "GaussianDiffusionProcess",
+    "Guider",
+    "MASK_SCHEDULES",
+    "MaskGITProcess",
+    "MaskSchedule",
+    "Process",
+    "VQDiffusionProcess",
+]

@@ -98,8 +98,9 @@ class DiffusionModule(GenerativeModule):
 
         ``overrides`` replace any of the method's ``sampling`` settings for this call (``cfg_scale``,
         ``steps``, ``sampler``, ``eta``, ``cfg_schedule``, ``scale_pow``, ``guidance_channels``,
-        ``choice_temperature``; None keeps the default). Randomness comes only from ``generator``, so
-        samples are reproducible per seed. ``decode=False`` returns the process's x0 (latents or tokens).
+        ``choice_temperature``, ``truncation``, ``posterior``, ``purity_weight``; None keeps the default).
+        Randomness comes only from ``generator``, so samples are reproducible per seed. ``decode=False`` returns
+        the process's x0 (latents or tokens).
         """
         settings = resolve_settings(self.sampling, overrides)
         self.check_sampling(settings)
