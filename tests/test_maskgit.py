@@ -16,10 +16,13 @@ import torch
 from conftest import compose, run_cli
 from hydra.utils import instantiate
 
+from lightgen.compose import check_composition
 from lightgen.diffusion import Guider
 from lightgen.diffusion.mask_schedules import MaskSchedule
 from lightgen.diffusion.maskgit import MaskGITProcess
 from lightgen.nets.maskgit import MaskGIT
+from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.instantiate import root_cause
 
 # 4 steps of maskgit_tiny on tokens of a random vq_fashion tokenizer (synthetic 32x32 images -> 8x8 codes)
 SMOKE = [
@@ -50,15 +53,22 @@ def test_a_maskgit_model_selects_the_maskgit_recipe_and_the_command_line_wins():
     assert opt.weight_decay == 4.5e-2 and cfg.optim.scheduler.warmup_steps == 5000
     assert cfg.trainer.devices == 8
     cfg = compose(["model=maskgit_s", "schedule=mask_linear", "optim=adamw_constant"])
-    assert cfg.schedule.name == "linear" and cfg.optim.optimizer.lr == 1e-4 and "scheduler" not in cfg.optim or (
-        cfg.optim.get("scheduler") is None
+    assert (
+        cfg.schedule.name == "linear"
+        and cfg.optim.optimizer.lr == 1e-4
+        and "scheduler" not in cfg.optim
+        or (cfg.optim.get("scheduler") is None)
     )
 
 
 def test_the_imagenet_recipe_composes_with_ddp8_and_builds_the_official_sizes():
     cfg = compose(["experiment=maskgit_imagenet256", "trainer=ddp8"])
     assert cfg.first_stage.name == "vqgan_f16_1024" and cfg.first_stage.codebook_size == 1024
-    assert cfg.first_stage.token_size == 16 and cfg.data.batch_size == 256 and cfg.data._target_.endswith("Token" "DataModule")
+    assert (
+        cfg.first_stage.token_size == 16
+        and cfg.data.batch_size == 256
+        and cfg.data._target_.endswith("TokenDataModule")
+    )
     assert cfg.trainer.devices == 8 and cfg.trainer.max_steps == 2_000_000
     model = dict(cfg.model)
     assert (model["hidden_size"], model["depth"], model["num_heads"], model["mlp_dim"]) == (768, 24, 16, 3072)
@@ -70,7 +80,7 @@ def test_the_quickstart_composes_with_image_reference_data_for_fid():
     cfg = compose(["experiment=quickstart_maskgit"])
     assert cfg.data._target_ == "lightgen.data.tokens.TokenDataModule" and cfg.first_stage.name == "vq_fashion"
     assert cfg.callbacks.fid.at_end and cfg.callbacks.fid.ref_data._target_ == "lightgen.data.FashionMNISTDataModule"
-    assert cfg.model.hidden_size == 256 and cfg.trainer.max_time == "00:00:10:00"
+    assert cfg.model.hidden_size == 192 and cfg.model.cfg_dropout == 0.1 and cfg.trainer.max_time == "00:00:10:00"
 
 
 # -- the module in-process ----------------------------------------------------------------------------------
@@ -83,6 +93,8 @@ def _tiny_module(**net_kw):
 def test_token_module_trains_on_tokens_and_on_images_and_generates_decoded_images():
     torch.manual_seed(0)
     module, _ = _tiny_module()
+    module.train()
+    assert not module.first_stage.training and not any(p.requires_grad for p in module.first_stage.parameters())
     images = torch.rand(4, 1, 32, 32) * 2 - 1
     tokens = module.first_stage.encode_to_indices(images)
     assert tokens.shape == (4, 8, 8) and tokens.dtype == torch.long
@@ -116,8 +128,17 @@ def test_tiny_maskgit_overfits_a_handful_of_token_maps():
     torch.manual_seed(0)
     k, side = 16, 4
     maps = torch.randint(0, k, (4, side, side))
-    net = MaskGIT(codebook_size=k, num_classes=4, token_size=side, hidden_size=64, depth=2, num_heads=4, mlp_dim=128,
-                  dropout=0.0, attention_dropout=0.0)
+    net = MaskGIT(
+        codebook_size=k,
+        num_classes=4,
+        token_size=side,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        mlp_dim=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     process = MaskGITProcess(MaskSchedule("cosine"), label_smoothing=0.0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     labels = torch.arange(4).repeat(8)
@@ -210,17 +231,41 @@ def _fails(args, phrase, entry="train"):
     ("args", "phrase"),
     [
         (["model=maskgit_tiny", "schedule=linear"], "needs a mask schedule but schedule=linear is a gaussian"),
-        (["schedule=mask_cosine"], "needs a gaussian schedule but schedule=mask_cosine is a mask"),
+        (["schedule=mask_cosine"], "needs a gaussian schedule but schedule=cosine is a mask"),
         (["model=maskgit_tiny", "first_stage=identity"], "is not a VQ tokenizer"),
-        (["model=maskgit_tiny", "first_stage=vq_fashion", "model.token_size=4"], "position table holds 16"),
-        (["model=maskgit_tiny", "first_stage=vq_fashion", "schedule.name=sine"], "sine"),
-        (["model=maskgit_tiny", "first_stage=vq_fashion", "method.sampling.steps=0"], "steps=0"),
-        (["model=maskgit_tiny", "first_stage=vq_fashion", "method.sampling.choice_temperature=-1"], ">= 0"),
     ],
 )
-def test_bad_compositions_fail_at_startup_in_one_sentence(args, phrase, tmp_path):
-    _fails(["experiment=smoke", *args, f"hydra.run.dir={tmp_path / 'run'}"], phrase)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+def test_groups_that_cannot_work_together_are_refused_before_anything_is_built(args, phrase):
+    with pytest.raises(LightgenConfigError) as err:
+        check_composition(compose(["experiment=smoke", *args]))
+    assert phrase in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["model.token_size=4"], "position table holds 16; set model.token_size=8"),
+        (["schedule.name=sine"], "sine"),
+        (["method.sampling.steps=0"], "steps=0"),
+        (["method.sampling.choice_temperature=-1"], ">= 0"),
+        (["model.codebook_size=256"], "models 256 codes but the tokenizer first_stage=vq_fashion has 512"),
+    ],
+)
+def test_bad_maskgit_settings_fail_when_the_method_is_built(args, phrase):
+    cfg = compose(["experiment=smoke", "model=maskgit_tiny", "first_stage=vq_fashion", *args])
+    with pytest.raises(Exception) as err:
+        instantiate(cfg.method)
+    cause = root_cause(err.value)
+    assert phrase in str(cause) and "\n" not in str(cause), str(cause)
+
+
+def test_a_bad_composition_stops_the_cli_with_one_line_naming_the_choices(tmp_path):
+    proc = _fails(
+        ["experiment=smoke", "model=maskgit_tiny", "schedule=linear", f"hydra.run.dir={tmp_path / 'run'}"],
+        "diffusion=maskgit needs a mask schedule but schedule=linear is a gaussian schedule; select "
+        "schedule=mask_cosine",
+    )
+    assert proc.returncode == 2 and not (tmp_path / "run" / "config.yaml").exists()
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def main() -> None:
     labels = torch.arange(args.batch) % 10
     times: dict[str, list[float]] = {k: [] for k in cases}
     with torch.no_grad():
-        for name, (module, kw) in cases.items():  # warm-up
+        for module, kw in cases.values():  # warm-up
             module.generate(labels[:4], generator=torch.Generator().manual_seed(0), **{**kw, "steps": 2})
         for r in range(args.repeats):
             for name, (module, kw) in cases.items():
@@ -69,8 +69,13 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append(
-            {"sampler": name, "median_s": med, "images_per_s": args.batch / med, "speedup_vs_ddim25": peer / med,
-             "times_s": ts}
+            {
+                "sampler": name,
+                "median_s": med,
+                "images_per_s": args.batch / med,
+                "speedup_vs_ddim25": peer / med,
+                "times_s": ts,
+            }
         )
     result = {
         "batch": args.batch,

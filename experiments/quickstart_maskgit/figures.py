@@ -27,10 +27,18 @@ def main(run: Path, out: Path) -> None:
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     steps, loss = series(rows, "train/loss")
     _, acc = series(rows, "train/acc")
-    plot_curves({"train/loss": (steps, loss), "smoothed": (steps, smooth(loss))}, out / "loss.png",
-                title="MaskGIT quickstart", ylabel="label-smoothed CE on masked tokens (nats)")
-    plot_curves({"train/acc": (steps, acc), "smoothed": (steps, smooth(acc))}, out / "acc.png",
-                title="MaskGIT quickstart", ylabel="masked-token accuracy")
+    plot_curves(
+        {"train/loss": (steps, loss), "smoothed": (steps, smooth(loss))},
+        out / "loss.png",
+        title="MaskGIT quickstart",
+        ylabel="label-smoothed CE on masked tokens (nats)",
+    )
+    plot_curves(
+        {"train/acc": (steps, acc), "smoothed": (steps, smooth(acc))},
+        out / "acc.png",
+        title="MaskGIT quickstart",
+        ylabel="masked-token accuracy",
+    )
     grids = sorted((run / "samples").glob("step_*.png"))
     if grids:
         shutil.copy(grids[-1], out / "grid.png")

@@ -25,8 +25,8 @@ class TokenModule(DiffusionModule):
     """A token net, a token process, a VQ tokenizer, EMA and an optimiser (args: :class:`DiffusionModule`).
 
     At construction, one sentence each when the first stage is not a VQ tokenizer, when the net's
-    codebook differs from the tokenizer's, or when the tokenizer's grid is longer than the net's
-    position table.
+    codebook differs from the tokenizer's, or when the tokenizer's grid does not fit the net's
+    position table; the tokenizer is then frozen (no gradients, eval mode).
     """
 
     def check_parts(self) -> None:
@@ -56,6 +56,17 @@ class TokenModule(DiffusionModule):
                 f"position table holds {have}; set model.token_size={fs.token_size} (the model configs take it from "
                 f"first_stage.token_size)."
             )
+        self.freeze_first_stage()
+
+    def freeze_first_stage(self) -> None:
+        """The tokenizer is fixed in stage 2: no gradients, always in eval mode."""
+        self.first_stage.requires_grad_(False)
+        self.first_stage.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage.eval()
+        return self
 
     def batch_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The (N, h, w) code indices of a batch: pre-extracted tokens, or the tokenizer's of its images."""
