@@ -28,13 +28,13 @@ def main(run: Path, out: Path) -> None:
     steps, loss = series(rows, "train/loss")
     _, acc = series(rows, "train/acc")
     plot_curves(
-        {"train/loss": (steps, loss), "smoothed": (steps, smooth(loss))},
+        {"train/loss": (steps, loss), "smoothed": (steps, smooth(loss, 0.6))},
         out / "loss.png",
         title="MaskGIT quickstart",
         ylabel="label-smoothed CE on masked tokens (nats)",
     )
     plot_curves(
-        {"train/acc": (steps, acc), "smoothed": (steps, smooth(acc))},
+        {"train/acc": (steps, acc), "smoothed": (steps, smooth(acc, 0.6))},
         out / "acc.png",
         title="MaskGIT quickstart",
         ylabel="masked-token accuracy",
@@ -47,8 +47,8 @@ def main(run: Path, out: Path) -> None:
     ips = [float(r["train/images_per_sec"]) for r in rows if r.get("train/images_per_sec")]
     summary = {
         "steps": steps[-1] + 1 if steps else 0,
-        "final_loss_smoothed": smooth(loss)[-1] if loss else None,
-        "final_acc_smoothed": smooth(acc)[-1] if acc else None,
+        "final_loss_smoothed": smooth(loss, 0.6)[-1] if loss else None,
+        "final_acc_smoothed": smooth(acc, 0.6)[-1] if acc else None,
         "fid1k": fid[-1] if fid else None,
         "median_images_per_sec": sorted(ips)[len(ips) // 2] if ips else None,
         "result": result,
