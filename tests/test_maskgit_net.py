@@ -360,5 +360,5 @@ def test_small_config_size():
     cfg = compose(["model=maskgit_s", "model.cfg_dropout=0.1"])
     with torch.device("meta"):
         net = instantiate(cfg.model)
-    assert (net.depth, net.hidden_size, net.num_heads, net.mlp_dim, net.dropout) == (6, 256, 8, 1024, 0.1)
-    assert sum(p.numel() for p in net.parameters()) == 4_956_427 + 256 + 1 and net.null_class == 10
+    assert (net.depth, net.hidden_size, net.num_heads, net.mlp_dim, net.dropout) == (4, 192, 6, 768, 0.1)
+    assert sum(p.numel() for p in net.parameters()) == 1_930_699 + 192 + 1 and net.null_class == 10
