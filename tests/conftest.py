@@ -100,3 +100,16 @@ def wandb_records(path: Path):
             yield record
         elif kind in (2, 3):  # FIRST, MIDDLE
             pending += payload
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory):
+    """Tokens of the 256 synthetic images under a random vq_fashion (no checkpoint: random weights), extracted
+    once for the token methods' end-to-end tests (MaskGIT, VQ-Diffusion)."""
+    import json
+
+    out = tmp_path_factory.mktemp("vq_fashion_tokens") / "tokens"
+    run_cli("extract", "data=synthetic", "first_stage=vq_fashion", f"out={out}", "batch_size=64", "progress=false")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "tokens" and manifest["num_samples"] == 256
+    return out

@@ -156,16 +156,6 @@ def test_tiny_maskgit_overfits_a_handful_of_token_maps():
 
 # -- through the CLIs --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def token_dir(tmp_path_factory):
-    """Tokens of the 256 synthetic images under a random vq_fashion (no checkpoint: random weights)."""
-    out = tmp_path_factory.mktemp("maskgit_tokens") / "tokens"
-    run_cli("extract", "data=synthetic", "first_stage=vq_fashion", f"out={out}", "batch_size=64", "progress=false")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["kind"] == "tokens" and manifest["num_samples"] == 256
-    return out
-
-
-@pytest.fixture(scope="module")
 def maskgit_run(token_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("maskgit_run")
     run_cli("train", *SMOKE, "data=tokens", f"data.path={token_dir}", "data.batch_size=8", f"hydra.run.dir={run}")

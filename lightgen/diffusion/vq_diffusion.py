@@ -118,6 +118,7 @@ class DiscreteSchedule:
         num_timesteps: T (official 100).
         alpha_bar_start, alpha_bar_end: ᾱ at t = 0 and t = T − 1 (official 0.99999, 0.000009).
         gamma_bar_start, gamma_bar_end: γ̄ at t = 0 and t = T − 1 (official 0.000009, 0.99999).
+        name: the config's name, for messages.
         kind: always ``"discrete"`` (the ``schedule`` group's marker).
     """
 
@@ -131,7 +132,9 @@ class DiscreteSchedule:
         gamma_bar_start: float = 0.000009,
         gamma_bar_end: float = 0.99999,
         kind: str = "discrete",
+        name: str = "discrete",
     ):
+        self.name = str(name)
         if kind != "discrete":
             raise ValueError(
                 f"DiscreteSchedule is a schedule of kind 'discrete', not {kind!r}; use kind: discrete in its config."

@@ -113,7 +113,9 @@ class GenerativeModule(LightgenModule):
         first_stage: encoder/decoder between images and the space the net works in.
         optimizer: ``functools.partial`` of a torch optimiser (``cfg.optim.optimizer``); None to sample only.
         scheduler: optional partial taking the optimiser (stepped every training step).
-        ema_decay: EMA decay, updated after every optimiser step (DiT: 0.9999).
+        ema_decay: EMA decay (DiT: 0.9999).
+        ema_every: update the EMA after every ``ema_every``-th optimiser step (1: every step, as DiT,
+            MDT, DiffiT and MaskGIT; official VQ-Diffusion: decay 0.99 every 25 steps).
         seed: global seed; rank ``r`` of ``W`` draws noise from ``seed * W + r``.
         config: the resolved run config, stored in every checkpoint so ``lightgen.sample``
             can rebuild the run (set by the builder after construction).
@@ -126,18 +128,25 @@ class GenerativeModule(LightgenModule):
         optimizer=None,
         scheduler=None,
         ema_decay: float = 0.9999,
+        ema_every: int = 1,
         seed: int = 0,
         config: dict | None = None,
     ):
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"method.ema_decay={ema_decay} must be in [0, 1); DiT uses 0.9999.")
+        if isinstance(ema_every, bool) or not isinstance(ema_every, int) or ema_every < 1:
+            raise ValueError(
+                f"method.ema_every={ema_every!r} must be a whole number of optimiser steps >= 1 (1: every step; "
+                "official VQ-Diffusion: 25)."
+            )
         self.net = net
         self.ema = make_ema(net)
         self.first_stage = first_stage
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.ema_decay = ema_decay
+        self.ema_every = ema_every
         self.seed = seed
         self.config = config
 
@@ -152,7 +161,9 @@ class GenerativeModule(LightgenModule):
     # -- optimisation ---------------------------------------------------------------------
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        update_ema(self.ema, self.net, self.ema_decay)
+        # global_step counts the optimiser steps before this one, so this is step global_step + 1
+        if (self.global_step + 1) % self.ema_every == 0:
+            update_ema(self.ema, self.net, self.ema_decay)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]

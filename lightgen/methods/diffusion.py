@@ -37,8 +37,9 @@ class DiffusionModule(GenerativeModule):
         """One sentence when the process, net and first stage cannot work together."""
         if getattr(self.process, "data_kind", "latents") != "latents":
             raise ValueError(
-                f"{type(self.process).__name__} models {self.process.data_kind}, not latents; use method=maskgit "
-                f"(the token methods' module) with it, or a Gaussian process (diffusion=gaussian) with this method."
+                f"{type(self.process).__name__} models {self.process.data_kind}, not latents; use method=maskgit or "
+                f"vq_diffusion (the token methods' module) with it, or a Gaussian process (diffusion=gaussian) with "
+                f"this method."
             )
 
     def batch_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,9 @@ optimiser, per-rank RNG, checkpoints, exact resume, rank-averaged logging, ``gen
 * samples are token maps of the tokenizer's grid, decoded to images by ``decode_indices``;
 * guidance combines what the process names (``logits`` for MaskGIT, ``log_probs`` for VQ-Diffusion).
 
-Which method it is, is the process (``diffusion=maskgit``): the module has no method branch.
+Which method it is, is the process (``diffusion=maskgit`` or ``diffusion=vq_diffusion``): the module has no
+method branch; ``method=maskgit`` and ``method=vq_diffusion`` are this module with each method's EMA and
+sampling defaults.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class TokenModule(DiffusionModule):
         fs, net, process = self.first_stage, self.net, self.process
         if getattr(process, "data_kind", "latents") != "tokens":
             raise ValueError(
-                f"method=maskgit trains token processes, but diffusion is {type(process).__name__}, which models "
-                f"latents; select diffusion=maskgit (or method=diffusion for the Gaussian methods)."
+                f"the token module (method=maskgit or vq_diffusion) trains token processes, but diffusion is "
+                f"{type(process).__name__}, which models latents; select diffusion=maskgit or vq_diffusion (or "
+                f"method=diffusion for the Gaussian methods)."
             )
         missing = [a for a in TOKENIZER_API if not hasattr(fs, a)]
         if missing:

@@ -37,8 +37,9 @@ label uses the **mean** of its rows, as the official ``AdaLayerNorm.forward`` do
 class_number`` (Improved VQ-Diffusion's zero-shot guidance; the official code decides on ``timestep[0]``
 for the whole batch, here per sample, which is the same for its all-null batches). With
 ``learnable_null=True`` (``imagenet_learnable.pth``: the inference script sets ``class_number = 1001``) the
-table has a learned null row. Label dropout for training the null row is not the net's: officially the
-dataset replaces labels by 1000 (``drop_caption_rate``).
+table has a learned null row. Label dropout for training the null row is officially the dataset's (it
+replaces labels by 1000 with ``drop_caption_rate``); here it is the net's ``cfg_dropout`` (as lightgen's
+DiT and MaskGIT do it), which draws the same Bernoulli per label and leaves the parameters unchanged.
 
 Official key layout. The released checkpoint holds ``ckpt["model"]`` (``C_DALLE``), whose ``transformer`` is
 the ``DiffusionTransformer`` whose ``transformer`` is this net, so the net's keys are
@@ -251,7 +252,8 @@ class VQDiffusion(nn.Module):
     tables, >= token_size; None = token_size; the ImageNet config's 32), ``num_timesteps`` T (rows of the
     step table), ``hidden_size``, ``depth``, ``num_heads``, ``mlp_type`` (``conv_mlp`` | ``fc``),
     ``mlp_hidden_times``, ``learnable_null`` (one more class row for the null label), ``attn_pdrop`` and
-    ``resid_pdrop`` (official 0).
+    ``resid_pdrop`` (official 0), ``cfg_dropout`` (label dropout in training: each label becomes the null
+    label with this probability; officially the dataset's ``drop_caption_rate``, 0 in the ImageNet config).
 
     Attributes: ``codebook_size`` (K), ``num_tokens`` (L = h*w), ``mask_token_id`` (K), ``num_classes``,
     ``null_class`` (= num_classes, always: the mean class row or the learned null row),
@@ -280,6 +282,7 @@ class VQDiffusion(nn.Module):
         learnable_null: bool = False,
         attn_pdrop: float = 0.0,
         resid_pdrop: float = 0.0,
+        cfg_dropout: float = 0.0,
     ):
         super().__init__()
         tokenizer_hint = "it follows the tokenizer (first_stage.{0}); set model.{0} to match."
@@ -323,6 +326,7 @@ class VQDiffusion(nn.Module):
         self.learnable_null = learnable_null
         self.attn_pdrop = _check_rate("attn_pdrop", attn_pdrop)
         self.resid_pdrop = _check_rate("resid_pdrop", resid_pdrop)
+        self.cfg_dropout = _check_rate("cfg_dropout", cfg_dropout)
 
         self.num_tokens = self.token_size**2
         self.mask_token_id = self.codebook_size
@@ -434,6 +438,12 @@ class VQDiffusion(nn.Module):
             )
         return y.long()
 
+    def label_drop(self, labels: torch.Tensor) -> torch.Tensor:
+        """Each label becomes the null label with probability ``cfg_dropout`` (``torch.rand`` on the default
+        generator, as DiT's LabelEmbedder and lightgen's MaskGIT draw it)."""
+        drop = (torch.rand(labels.shape[0]) < self.cfg_dropout).to(labels.device)
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """(N, L) or (N, h, w) ids in [0, K], (N,) steps, (N,) labels -> (N, K, L) logits."""
@@ -441,6 +451,8 @@ class VQDiffusion(nn.Module):
         n, device = tokens.shape[0], tokens.device
         t = self._check_steps(t, n, device)
         y = self._check_labels(y, n, device)
+        if self.training and self.cfg_dropout > 0:
+            y = self.label_drop(y)
         x = self.content_emb(tokens)
         for block in self.blocks:
             x = block(x, t, y)
