@@ -457,8 +457,8 @@ def test_small_and_imagenet_config_sizes():
     cfg = compose(["model=vq_diffusion_s", "first_stage=vq_small", "data=fashion_mnist"])
     with torch.device("meta"):
         net = instantiate(cfg.model)
-    assert (net.depth, net.hidden_size, net.num_heads, net.mlp_hidden_times) == (6, 256, 8, 2)
-    assert n_params(net) == 17_754_880
+    assert (net.depth, net.hidden_size, net.num_heads, net.mlp_hidden_times) == (4, 192, 6, 2)
+    assert n_params(net) == 6_781_760
     cfg = compose(
         [
             "model=vq_diffusion_imagenet",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lightgen.diffusion.guidance import Guider
 from lightgen.diffusion.mask_schedules import MaskSchedule
-from lightgen.diffusion.process import Process
+from lightgen.diffusion.process import Process, flat_codes
 from lightgen.utils.progress import progress_bar
 
 NET_ATTRIBUTES = ("codebook_size", "mask_token_id", "num_tokens", "null_class")
@@ -109,27 +109,6 @@ class MaskGITProcess(Process):
         ranks = scores.argsort(dim=1).argsort(dim=1)  # ranks, so ties cannot change the count
         return ranks < self.num_masked(r, num_tokens)[:, None]
 
-    def _check_codes(self, x0: torch.Tensor, net) -> torch.Tensor:
-        k, length = int(net.codebook_size), int(net.num_tokens)
-        if not torch.is_tensor(x0) or x0.is_floating_point() or x0.is_complex() or x0.dtype == torch.bool:
-            what = x0.dtype if torch.is_tensor(x0) else type(x0).__name__
-            raise ValueError(
-                f"MaskGIT trains on integer code indices (N, h, w), but got {what}; use data=tokens or a VQ "
-                f"first stage (first_stage=vq_small)."
-            )
-        codes = x0.reshape(x0.shape[0], -1).long()
-        if codes.shape[1] != length:
-            raise ValueError(
-                f"the code maps have {codes.shape[1]} tokens per sample (shape {tuple(x0.shape)}), but the net "
-                f"expects num_tokens={length}; match the model's token grid to the first stage."
-            )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= k):
-            raise ValueError(
-                f"code indices must lie in [0, {k}) for codebook_size={k}, but range over "
-                f"[{int(codes.min())}, {int(codes.max())}]; match the model's codebook_size to the tokenizer."
-            )
-        return codes
-
     def smoothed_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (N, L) against one-hot targets smoothed to 1 − ε + ε/K and ε/K."""
         eps, k = self.label_smoothing, logits.shape[-1]
@@ -138,7 +117,7 @@ class MaskGITProcess(Process):
         return (1.0 - eps) * nll - (eps / k) * logp.sum(dim=-1)
 
     def training_losses(self, net, x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        codes = self._check_codes(x0, net)
+        codes = flat_codes(x0, net, "MaskGIT")
         n, length = codes.shape
         r = torch.rand(n, device=codes.device)
         mask = self.draw_mask(r, length)

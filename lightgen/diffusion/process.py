@@ -31,6 +31,32 @@ from lightgen.diffusion.guidance import Guider
 SAMPLERS = ("ddpm", "ddim")
 
 
+def flat_codes(x0, net, method: str) -> torch.Tensor:
+    """The (N, h, w) code maps of a token batch as (N, L) longs, checked against the net's codebook_size K and
+    num_tokens L (one sentence each; the range check costs one host sync): what the token processes train on."""
+    k, length = int(net.codebook_size), int(net.num_tokens)
+    if not torch.is_tensor(x0) or x0.is_floating_point() or x0.is_complex() or x0.dtype == torch.bool:
+        what = x0.dtype if torch.is_tensor(x0) else type(x0).__name__
+        raise ValueError(
+            f"{method} trains on integer code indices (N, h, w), but got {what}; use data=tokens or a VQ first stage "
+            f"(first_stage=vq_small)."
+        )
+    codes = x0.reshape(x0.shape[0], -1).long()
+    if codes.shape[1] != length:
+        raise ValueError(
+            f"the code maps have {codes.shape[1]} tokens per sample (shape {tuple(x0.shape)}), but the net expects "
+            f"num_tokens={length}; match the model's token grid to the first stage."
+        )
+    if codes.numel():
+        lo, hi = torch.stack(torch.aminmax(codes)).tolist()
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"code indices must lie in [0, {k}) for codebook_size={k}, but range over [{lo}, {hi}]; match the "
+                f"model's codebook_size to the tokenizer."
+            )
+    return codes
+
+
 class Process:
     """Base of the generative processes (interface; see the module docstring)."""
 
@@ -125,12 +151,15 @@ class GaussianDiffusionProcess(Process):
         self.sampling_diffusion(sampler, steps)
 
     def sampling_diffusion(self, sampler: str, steps: int):
-        """The respaced process of ``steps`` steps for ``sampler`` (one sentence for a bad sampler)."""
-        if sampler == "ddpm":
-            return create_diffusion(str(steps), **self.adm_settings)
-        if sampler == "ddim":
-            return create_diffusion(f"ddim{steps}", **self.adm_settings)
-        raise ValueError(f"sampler={sampler!r} is not a Gaussian-diffusion sampler; use ddpm or ddim.")
+        """The respaced process of ``steps`` steps for ``sampler`` (one sentence for a bad sampler); built once
+        per (sampler, steps) and kept, since ``check_sampling`` and ``sample`` both ask for it."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is not a Gaussian-diffusion sampler; use ddpm or ddim.")
+        cache = self.__dict__.setdefault("_respaced", {})
+        key = (sampler, str(steps))
+        if key not in cache:
+            cache[key] = create_diffusion(("ddim" if sampler == "ddim" else "") + str(steps), **self.adm_settings)
+        return cache[key]
 
     def sample(
         self,

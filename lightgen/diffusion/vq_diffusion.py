@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightgen.diffusion.guidance import LOG_EPS, Guider
-from lightgen.diffusion.process import Process
+from lightgen.diffusion.process import Process, flat_codes
 from lightgen.utils.progress import progress_bar
 
 NET_ATTRIBUTES = ("codebook_size", "mask_token_id", "num_tokens", "null_class")
@@ -452,27 +452,6 @@ class VQDiffusionProcess(Process, nn.Module):
         hist[seen] = new
         count += torch.bincount(t, minlength=self.num_timesteps).to(count.dtype)
 
-    def _check_codes(self, x0: torch.Tensor, net) -> torch.Tensor:
-        k, length = int(net.codebook_size), int(net.num_tokens)
-        if not torch.is_tensor(x0) or x0.is_floating_point() or x0.is_complex() or x0.dtype == torch.bool:
-            what = x0.dtype if torch.is_tensor(x0) else type(x0).__name__
-            raise ValueError(
-                f"VQ-Diffusion trains on integer code indices (N, h, w), but got {what}; use data=tokens or a VQ "
-                f"first stage (first_stage=vq_small)."
-            )
-        codes = x0.reshape(x0.shape[0], -1).long()
-        if codes.shape[1] != length:
-            raise ValueError(
-                f"the code maps have {codes.shape[1]} tokens per sample (shape {tuple(x0.shape)}), but the net "
-                f"expects num_tokens={length}; match the model's token grid to the first stage."
-            )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= k):
-            raise ValueError(
-                f"code indices must lie in [0, {k}) for codebook_size={k}, but range over "
-                f"[{int(codes.min())}, {int(codes.max())}]; match the model's codebook_size to the tokenizer."
-            )
-        return codes
-
     def losses_at(self, net, codes: torch.Tensor, t: torch.Tensor, pt: torch.Tensor, cond: dict) -> dict:
         """Per-sample terms of the official ``_train_loss`` at given t (sums over positions, not normalised)."""
         k = int(net.codebook_size)
@@ -511,7 +490,7 @@ class VQDiffusionProcess(Process, nn.Module):
         return (1 - t / self.num_timesteps) + 1.0
 
     def training_losses(self, net, x0: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        codes = self._check_codes(x0, net)
+        codes = flat_codes(x0, net, "VQ-Diffusion")
         n, length = codes.shape
         t, pt = self.sample_time(n, codes.device)
         out = self.losses_at(net, codes, t, pt, cond)

@@ -1,0 +1,82 @@
+"""FID-1k of one trained model against one sampling setting's values (the token methods' sampling studies).
+
+    python experiments/fid_sweep.py <checkpoint> <reference .npz> --vary truncation 0.8 0.86 0.9 0.95 1.0 \
+        [--set steps=100 posterior=exact ...] --out experiments/<study> [--num-samples 1000]
+
+For each value: ``python -m lightgen.sample ckpt=<checkpoint> num_samples=1000 batch_size=100 <vary>=<value>
+<set...>`` (the run's other sampling settings stay) and ``python -m lightgen.evaluate`` against the reference
+statistics. Rows accumulate in ``<out>/results.json`` keyed by their settings, so a second call with other
+``--set`` values (e.g. ``posterior=exact``) adds a second curve; ``results.md`` and ``fid.png`` (one curve per
+distinct ``--set``) are rewritten from all rows. Samples go to ``runs/fid_sweep/<out name>/<settings>``;
+a re-run samples and evaluates only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lightgen.utils.plots import plot_curves
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(entry: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", f"lightgen.{entry}", *args], cwd=ROOT, check=True)
+
+
+def slug(settings: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in settings.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("ref")
+    ap.add_argument("--vary", nargs="+", required=True, metavar=("SETTING", "VALUE"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--num-samples", type=int, default=1000)
+    args = ap.parse_args()
+    key, values = args.vary[0], args.vary[1:]
+    fixed = dict(item.split("=", 1) for item in args.set)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    rows = json.loads(results.read_text()) if results.is_file() else []
+    for value in values:
+        settings = {**fixed, key: value}
+        samples = ROOT / "runs" / "fid_sweep" / out.name / slug(settings)
+        metrics = samples / "samples_metrics.json"
+        if not metrics.is_file():
+            overrides = [f"{k}={v}" for k, v in settings.items()]
+            run("sample", f"ckpt={args.ckpt}", f"num_samples={args.num_samples}", "batch_size=100", *overrides,
+                f"out={samples}")  # fmt: skip
+            run("evaluate", f"samples={samples}", f"ref={args.ref}", "fd_method=eigh", "kid=false", f"out={metrics}")
+        m = json.loads(metrics.read_text())["metrics"]
+        info = json.loads((samples / "sample_info.json").read_text())
+        row = {"vary": key, "value": value, "set": fixed, "fid1k": m["fid"], "sfid": m["sfid"],
+               "precision": m["precision"], "recall": m["recall"], "sample_info": info}  # fmt: skip
+        rows = [r for r in rows if not (r["value"] == value and r["set"] == fixed and r["vary"] == key)] + [row]
+    results.write_text(json.dumps(rows, indent=2))
+    lines = [f"| {key} | other settings | FID-1k | sFID | precision | recall |", "|---|---|---|---|---|---|"]
+    curves = {}
+    for r in rows:
+        other = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "the run's"
+        lines.append(
+            f"| {r['value']} | {other} | {r['fid1k']:.2f} | {r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |"
+        )
+        xs, ys = curves.setdefault(other, ([], []))
+        xs.append(float(r["value"]))
+        ys.append(r["fid1k"])
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    ordered = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in curves.items()}
+    plot_curves(ordered, out / "fid.png", title=out.name, ylabel="FID-1k (lower is better)", xlabel=key)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
