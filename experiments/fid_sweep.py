@@ -66,9 +66,8 @@ def main() -> None:
     curves = {}
     for r in rows:
         other = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "the run's"
-        lines.append(
-            f"| {r['value']} | {other} | {r['fid1k']:.2f} | {r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |"
-        )
+        scores = f"{r['fid1k']:.2f} | {r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f}"
+        lines.append(f"| {r['value']} | {other} | {scores} |")
         xs, ys = curves.setdefault(other, ([], []))
         xs.append(float(r["value"]))
         ys.append(r["fid1k"])
