@@ -100,7 +100,7 @@ def truncate(log_probs: torch.Tensor, r: float) -> torch.Tensor:
     sorted_lp, order = torch.sort(log_probs, dim=1, descending=True)
     below = sorted_lp.exp().cumsum(dim=1) < r
     keep_sorted = torch.cat([torch.ones_like(below[:, :1]), below[:, :-1]], dim=1)
-    keep = keep_sorted.gather(1, order.argsort(dim=1))
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # back to class order (no 2nd sort)
     return torch.where(keep, log_probs, torch.full_like(log_probs, LOG_EPS))
 
 
