@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightgen.utils.rng import generator_device
+
 __all__ = ["TokenMask", "TokenMasking", "no_masking"]
 
 
@@ -90,7 +92,7 @@ class TokenMasking:
                 f"TokenMasking.sample: batch_size={batch_size} and num_tokens={num_tokens} must be positive."
             )
         device = torch.device(device) if device is not None else torch.device("cpu")
-        draw_device = generator.device if generator is not None else device
+        draw_device = generator_device(generator, device)
         if self.jitter > 0:
             # MDTv2: one ratio per batch, a float32 tensor as official (len_keep computed in float32).
             r = torch.rand(1, generator=generator, device=draw_device) * self.jitter + self.ratio

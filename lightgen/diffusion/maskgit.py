@@ -32,6 +32,7 @@ from lightgen.diffusion.guidance import Guider
 from lightgen.diffusion.mask_schedules import MaskSchedule
 from lightgen.diffusion.process import Process, flat_codes
 from lightgen.utils.progress import progress_bar
+from lightgen.utils.rng import generator_device
 
 NET_ATTRIBUTES = ("codebook_size", "mask_token_id", "num_tokens", "null_class")
 LOSS_ON = ("masked", "all")
@@ -184,7 +185,7 @@ class MaskGITProcess(Process):
                 f"cannot sample shape {tuple(shape)} with a net of num_tokens={length}; match the first stage's "
                 f"token grid to the model."
             )
-        rng_device = generator.device if generator is not None else device
+        rng_device = generator_device(generator, device)
         x = torch.full((n, length), mask_id, dtype=torch.long, device=device)
         n0 = (x == mask_id).sum(dim=-1, keepdim=True)
         with progress_bar(progress) as bar:

@@ -27,6 +27,7 @@ import torch
 
 from lightgen.diffusion import create_diffusion
 from lightgen.diffusion.guidance import Guider
+from lightgen.utils.rng import draw
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -177,8 +178,7 @@ class GaussianDiffusionProcess(Process):
         """x0 of ``shape`` for ``cond``; all randomness from ``generator`` (a seed fixes the result)."""
         diffusion = self.sampling_diffusion(sampler, steps)
         device = torch.device(device) if device is not None else next(iter(cond.values())).device
-        noise_device = generator.device if generator is not None else device
-        noise = torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
+        noise = draw("randn", shape, generator, device)
         if guider.enabled:
             noise, cond = guider.double(net, noise, cond)
             model = guider.paired_eps_model(net.forward)

@@ -38,6 +38,7 @@ from torch import nn
 from lightgen.diffusion.guidance import LOG_EPS, Guider
 from lightgen.diffusion.process import Process, flat_codes
 from lightgen.utils.progress import progress_bar
+from lightgen.utils.rng import draw
 
 NET_ATTRIBUTES = ("codebook_size", "mask_token_id", "num_tokens", "null_class")
 POSTERIORS = ("official", "exact")
@@ -85,8 +86,7 @@ def _extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def gumbel_argmax(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A categorical sample over dim 1 by the official Gumbel-argmax (noise from ``generator``, on its device)."""
-    rng_device = generator.device if generator is not None else log_probs.device
-    u = torch.rand(log_probs.shape, generator=generator, device=rng_device).to(log_probs.device)
+    u = draw("rand", log_probs.shape, generator, log_probs.device)
     gumbel = -torch.log(-torch.log(u + 1e-30) + 1e-30)
     return (gumbel + log_probs).argmax(dim=1)
 
@@ -671,8 +671,7 @@ class VQDiffusionProcess(Process, nn.Module):
             w = w + 1
         w = torch.where(masked, w, torch.zeros_like(w))
         # n_reveal positions per row without replacement, ∝ w (Gumbel top-k = sequential multinomial draws)
-        rng_device = generator.device if generator is not None else x.device
-        u = torch.rand(w.shape, generator=generator, device=rng_device).to(x.device)
+        u = draw("rand", w.shape, generator, x.device)
         keys = torch.log(w) - torch.log(-torch.log(u + 1e-30) + 1e-30)
         keys = torch.where(w > 0, keys, torch.full_like(keys, -math.inf))
         ranks = keys.argsort(dim=1, descending=True).argsort(dim=1)

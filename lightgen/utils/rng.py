@@ -33,3 +33,16 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def generator_device(generator: torch.Generator | None, device) -> torch.device:
+    """Where to draw: the generator's own device (a CPU generator draws on the CPU for any device, so a seed gives
+    the same numbers everywhere), else ``device``."""
+    return generator.device if generator is not None else torch.device(device)
+
+
+def draw(kind: str, shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``torch.rand`` (``kind="rand"``) or ``torch.randn`` (``"randn"``) of ``shape`` from ``generator`` (or the
+    global RNG) on :func:`generator_device`, moved to ``device``."""
+    fn = {"rand": torch.rand, "randn": torch.randn}[kind]
+    return fn(tuple(shape), generator=generator, device=generator_device(generator, device)).to(device)
