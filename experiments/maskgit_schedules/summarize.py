@@ -1,9 +1,8 @@
 """MaskGIT study (a): the mask schedule γ, each trained to the same budget and decoded with T = 8.
 
-    python -m lightgen.train -m experiment=quickstart_maskgit \
-        schedule=mask_cosine,mask_linear,mask_square,mask_sqrt,mask_log \
-        trainer.max_time=null trainer.max_steps=600 hydra.sweep.dir=runs/sweeps/maskgit_schedules_600
-    python experiments/maskgit_schedules/summarize.py runs/sweeps/maskgit_schedules_600 [out dir]
+    python -m lightgen.train -m experiment=quickstart_maskgit schedule=mask_cosine,mask_linear,mask_square,mask_sqrt \
+        trainer.max_time=null trainer.max_steps=400 hydra.sweep.dir=runs/sweeps/maskgit_schedules_400
+    python experiments/maskgit_schedules/summarize.py runs/sweeps/maskgit_schedules_400 [out dir]
 
 Reads every job of the sweep (``overrides.yaml``, ``metrics.csv``, ``result.json`` with the end-of-training
 FID-1k of the EMA net, 8-step decoding) and writes ``results.md``, ``results.json``, ``loss.png`` (the
