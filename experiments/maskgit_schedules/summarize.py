@@ -1,8 +1,8 @@
 """MaskGIT study (a): the mask schedule γ, each trained to the same budget and decoded with T = 8.
 
     python -m lightgen.train -m experiment=quickstart_maskgit schedule=mask_cosine,mask_linear,mask_square,mask_sqrt \
-        trainer.max_time=null trainer.max_steps=400 hydra.sweep.dir=runs/sweeps/maskgit_schedules_400
-    python experiments/maskgit_schedules/summarize.py runs/sweeps/maskgit_schedules_400 [out dir]
+        trainer.max_time=null trainer.max_steps=300 hydra.sweep.dir=runs/sweeps/maskgit_schedules_300
+    python experiments/maskgit_schedules/summarize.py runs/sweeps/maskgit_schedules_300 [out dir]
 
 Reads every job of the sweep (``overrides.yaml``, ``metrics.csv``, ``result.json`` with the end-of-training
 FID-1k of the EMA net, 8-step decoding) and writes ``results.md``, ``results.json``, ``loss.png`` (the
