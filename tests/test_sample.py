@@ -170,3 +170,15 @@ def test_power_cosine_changes_sampling_and_bad_schedules_fail(smoke_ckpt, tmp_pa
     proc = _sample(smoke_ckpt, tmp_path / "bad", "cfg_schedule=cosine", check=False)
     assert proc.returncode == 2 and "not a guidance schedule" in proc.stderr
     assert not (tmp_path / "bad").exists(), "nothing is written before the settings are validated"
+
+
+def test_fast_samplers_through_the_cli_and_bad_steps_fail_first(smoke_ckpt, tmp_path):
+    out = tmp_path / "dpm"
+    _sample(smoke_ckpt, out, "sampler=dpmpp_2m", "cfg_scale=4.0")
+    info = json.loads((out / "sample_info.json").read_text())
+    assert info["sampler"] == "dpmpp_2m" and info["steps"] == 3
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape[0] == 10 and arr.std() > 0
+    proc = _sample(smoke_ckpt, tmp_path / "bad", "sampler=euler", "steps=1001", check=False)
+    assert proc.returncode == 2 and "steps=1001 does not fit sampler=euler" in proc.stderr
+    assert not (tmp_path / "bad").exists(), "nothing is written before the settings are validated"

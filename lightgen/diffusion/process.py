@@ -25,11 +25,11 @@ import warnings
 
 import torch
 
-from lightgen.diffusion import create_diffusion
+from lightgen.diffusion import create_diffusion, solvers
 from lightgen.diffusion.guidance import Guider
 from lightgen.utils.rng import draw
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", *solvers.FAST_SAMPLERS)
 
 
 def flat_codes(x0, net, method: str) -> torch.Tensor:
@@ -93,7 +93,8 @@ class GaussianDiffusionProcess(Process):
     x0 and t with its own noise and label dropout, loss = mean(full) + mean(masked) (MDT's
     ``forward_backward``), logged as ``loss/mse/vb`` (full pass) and ``m_loss/m_mse/m_vb`` (masked pass).
     Sampling: respaced DDPM (``sampler="ddpm"``, ``steps`` e.g. 250) or DDIM (``"ddim"``, ``eta``), the
-    state doubled for guidance exactly as DiT's ``sample.py``.
+    state doubled for guidance exactly as DiT's ``sample.py``; or diffusers' DPM-Solver++ 2M, UniPC and Euler
+    (``"dpmpp_2m"``, ``"unipc"``, ``"euler"``, e.g. 20 steps) on the same betas (:mod:`lightgen.diffusion.solvers`).
 
     Args: the ADM settings of :func:`~lightgen.diffusion.create_diffusion` (``noise_schedule``,
     ``diffusion_steps``, ``learn_sigma``, ``sigma_small``, ``predict_xstart``, ``use_kl``,
@@ -149,13 +150,18 @@ class GaussianDiffusionProcess(Process):
 
     # -- sampling -------------------------------------------------------------------------------
     def check_sampling(self, sampler: str, steps: int, eta: float = 0.0) -> None:
-        self.sampling_diffusion(sampler, steps)
+        if sampler in solvers.FAST_SAMPLERS:
+            solvers.check_steps(sampler, steps, self.num_timesteps)
+        else:
+            self.sampling_diffusion(sampler, steps)
 
     def sampling_diffusion(self, sampler: str, steps: int):
         """The respaced process of ``steps`` steps for ``sampler`` (one sentence for a bad sampler); built once
         per (sampler, steps) and kept, since ``check_sampling`` and ``sample`` both ask for it."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r} is not a Gaussian-diffusion sampler; use ddpm or ddim.")
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(
+                f"sampler={sampler!r} is not a Gaussian-diffusion sampler; use one of {', '.join(SAMPLERS)}."
+            )
         cache = self.__dict__.setdefault("_respaced", {})
         key = (sampler, str(steps))
         if key not in cache:
@@ -176,8 +182,14 @@ class GaussianDiffusionProcess(Process):
         device=None,
     ) -> torch.Tensor:
         """x0 of ``shape`` for ``cond``; all randomness from ``generator`` (a seed fixes the result)."""
-        diffusion = self.sampling_diffusion(sampler, steps)
         device = torch.device(device) if device is not None else next(iter(cond.values())).device
+        if sampler in solvers.FAST_SAMPLERS:
+            solvers.check_steps(sampler, steps, self.num_timesteps)
+            scheduler = solvers.make_scheduler(sampler, self.diffusion.betas, steps)
+            noise = draw("randn", shape, generator, device)
+            eps = solvers.guided_eps(net, guider, cond, channels=shape[1])
+            return solvers.solve(scheduler, eps, noise, generator, progress, description=f"{sampler} {steps}")
+        diffusion = self.sampling_diffusion(sampler, steps)
         noise = draw("randn", shape, generator, device)
         if guider.enabled:
             noise, cond = guider.double(net, noise, cond)
