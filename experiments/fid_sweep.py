@@ -8,7 +8,8 @@ For each value: ``python -m lightgen.sample ckpt=<checkpoint> num_samples=1000 b
 statistics. Rows accumulate in ``<out>/results.json`` keyed by their settings, so a second call with other
 ``--set`` values (e.g. ``posterior=exact``) adds a second curve; ``results.md`` and ``fid.png`` (one curve per
 distinct ``--set``) are rewritten from all rows. Samples go to ``runs/fid_sweep/<out name>/<settings>``;
-a re-run samples and evaluates only what is missing.
+a re-run samples and evaluates only what is missing. ``python experiments/fid_sweep.py --replot <out>`` redraws
+``results.md`` and ``fid.png`` from ``results.json`` alone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def slug(settings: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--replot"] and len(sys.argv) == 3:
+        out = Path(sys.argv[2])
+        summarize(json.loads((out / "results.json").read_text()), out)
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("ref")
@@ -62,6 +67,12 @@ def main() -> None:
                "precision": m["precision"], "recall": m["recall"], "sample_info": info}  # fmt: skip
         rows = [r for r in rows if not (r["value"] == value and r["set"] == fixed and r["vary"] == key)] + [row]
     results.write_text(json.dumps(rows, indent=2))
+    summarize(rows, out)
+
+
+def summarize(rows: list[dict], out: Path) -> None:
+    """``results.md`` (a row per setting) and ``fid.png`` (a curve per distinct ``--set``) from all rows."""
+    key = rows[0]["vary"]
     lines = [f"| {key} | other settings | FID-1k | sFID | precision | recall |", "|---|---|---|---|---|---|"]
     curves = {}
     for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -20,6 +21,15 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def _label(value: float, lo: float, hi: float, n: int = 5) -> str:
+    """A tick label with one decimal more than the tick spacing ``(hi - lo) / (n - 1)`` needs."""
+    step = (hi - lo) / (n - 1)
+    if abs(value) >= 1e5 or (value != 0 and abs(value) < 1e-3):
+        return f"{value:.3g}"
+    decimals = max(0, 1 - math.floor(math.log10(step))) if step > 0 else 0
+    return f"{value:.{min(decimals, 4)}f}"
 
 
 def plot_curves(
@@ -50,11 +60,11 @@ def plot_curves(
         _, yy = px(x0, t)
         d.line([left - 4, yy, left, yy], fill="black")
         d.line([left, yy, w - right, yy], fill=(230, 230, 230))
-        d.text((4, yy - 6), f"{t:.3g}", fill="black")
+        d.text((4, yy - 6), _label(t, y0, y1), fill="black")
     for t in _ticks(x0, x1):
         xx, _ = px(t, y0)
         d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
-        d.text((xx - 12, h - bottom + 8), f"{t:.0f}", fill="black")
+        d.text((xx - 12, h - bottom + 8), _label(t, x0, x1), fill="black")
     d.text((w // 2 - 20, h - 18), xlabel, fill="black")
     d.text((4, 4), f"{title}   {ylabel}".strip(), fill="black")
     for i, (name, (xv, yv)) in enumerate(series.items()):
@@ -62,6 +72,9 @@ def plot_curves(
         pts = [px(x, y) for x, y in zip(xv, yv)]
         if len(pts) > 1:
             d.line(pts, fill=color, width=2)
+        if len(pts) <= 40:  # measurements (a sweep), not a curve: mark each point
+            for xx, yy in pts:
+                d.ellipse([xx - 3, yy - 3, xx + 3, yy + 3], fill=color)
         d.text((w - right - 200, top + 6 + 14 * i), f"- {name}", fill=color)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
