@@ -152,21 +152,86 @@ def upgrade_config(config: dict) -> dict:
     return c
 
 
-def method_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+def method_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", first_stage: str | None = None):
     """Rebuild the LightningModule of a lightgen run from its checkpoint: ``(module, cfg, ckpt)``.
 
     The module is built from the stored config (upgraded when older) by :func:`build_method`, loaded
-    strictly, moved to ``device`` and put in eval mode.
+    strictly, moved to ``device`` and put in eval mode. A released DiT / MDT / DiffiT file (recognised by its
+    keys, :mod:`lightgen.convert.released`) becomes the module of its family's ImageNet experiment with the
+    official sampling defaults, its weights in both the net and the EMA; ``first_stage`` (a
+    ``conf/first_stage`` option) decodes its samples (default: the SD VAE for 4-channel latents). Its ``ckpt``
+    is ``{"global_step": -1, "released": {...}}``: what the file held and which defaults apply.
     """
-    ckpt = load_checkpoint(path, mmap=True)
+    from lightgen.convert import released
+
+    if Path(path).suffix == ".safetensors":
+        ckpt = released.read_file(path)
+    else:
+        ckpt = load_checkpoint(path, mmap=True)
+    if not released.is_lightgen_checkpoint(ckpt):
+        return _method_from_released(path, ckpt, device, first_stage)
+    if first_stage is not None:
+        raise LightgenConfigError(
+            f"first_stage={first_stage} applies to released weights only; {path} is a lightgen run, which samples "
+            "with its own first stage (leave first_stage out)."
+        )
     config = (ckpt.get("lightgen") or {}).get("config")
-    if "state_dict" not in ckpt or not config:
+    if not config:
         raise LightgenConfigError(
             f"{path} is not a lightgen training checkpoint (no stored run config); sample from a checkpoint "
-            f"written by lightgen.train (official DiT weights load through lightgen.convert)."
+            f"written by lightgen.train or a released DiT / MDT / DiffiT file."
         )
     config = upgrade_config(config)
     cfg = OmegaConf.create(config)
     module = build_method(cfg.method, config=config)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     return module.to(device).eval(), cfg, ckpt
+
+
+def _method_from_released(path, obj, device, first_stage: str | None):
+    from lightgen.convert import released
+
+    sd = released.read_weights(obj)
+    rel = released.identify(sd, str(path))
+    config = released.released_run_config(rel, first_stage)
+    module = build_method(OmegaConf.create(config["method"]), config=config)
+    released.load_released(sd, module.net)
+    module.ema.load_state_dict(module.net.state_dict(), strict=True)
+    info = {
+        "file": str(Path(path).resolve()),
+        "family": rel.family,
+        "network": rel.describe,
+        "first_stage": first_stage or released.default_first_stage(rel),
+        "defaults": rel.sampling,
+    }
+    return module.to(device).eval(), OmegaConf.create(config), {"global_step": -1, "released": info}
+
+
+def init_from(module, path: str | Path) -> str:
+    """Start ``module`` from the weights of ``path``: a lightgen checkpoint (its ``net.*`` and ``ema.*``) or a
+    released DiT / MDT / DiffiT file (net and EMA both). Nothing else is taken (no optimiser, no step, no RNG):
+    the run starts at step 0. One sentence when the architecture differs. Returns what was loaded, for the log.
+    """
+    from lightgen.convert import released
+    from lightgen.utils.state_dicts import state_dict_mismatch
+
+    obj = released.read_file(path)
+    if released.is_lightgen_checkpoint(obj):
+        sd = obj["state_dict"]
+        net_sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
+        ema_sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")} or net_sd
+        model = ((obj["lightgen"].get("config") or {}).get("model") or {}).get("_target_", "?").rsplit(".", 1)[-1]
+        what = f"a lightgen {model} checkpoint at step {int(obj.get('global_step', -1))}"
+    else:
+        net_sd = released.read_weights(obj)
+        what = f"released {released.identify(net_sd, str(path)).describe}"
+        ema_sd = net_sd
+    detail = state_dict_mismatch(net_sd, module.net.state_dict())
+    if detail:
+        raise LightgenConfigError(
+            f"init_from={path} holds {what}, which does not fit this run's model ({detail}); select the model "
+            "(size, patch, input size, classes) the weights were trained with."
+        )
+    module.net.load_state_dict(net_sd, strict=True)
+    module.ema.load_state_dict(ema_sd, strict=True)
+    return what

@@ -9,6 +9,10 @@ killed job re-run with the same settings samples only the missing batches), and 
 ``samples.npz`` (ADM's layout: ``arr_0`` uint8 (N, H, W, C), ``arr_1`` int64 labels), ``grid.png`` (one row
 per class), ``sample_info.json`` (checkpoint, step, every setting, world size) and ``png/`` with ``png=true``.
 
+``ckpt`` may also be a released DiT / MDT / DiffiT file (``DiT-XL-2-256x256.pt``, ``mdt_xl2_v2_ckpt.pt``,
+``diffit_256.safetensors``): its family's official sampling defaults apply unless overridden, ``first_stage=``
+picks the decoder (default ``sd_vae_ft_ema``), and ``sample_info.json`` records the file and the defaults.
+
 Settings left null (``sampler``, ``steps``, ``cfg_scale``, ``cfg_schedule``, ``scale_pow``, ``eta``,
 ``guidance_channels``, ``choice_temperature``, ``truncation``, ``posterior``, ``purity_weight``) are the run's
 ``method.sampling``. Labels: ``balanced`` | ``uniform`` | a list.
@@ -46,13 +50,24 @@ def settings_of(cfg: DictConfig, ckpt_path: Path, ckpt: dict, module) -> dict:
         "labels": cfg.labels if isinstance(cfg.labels, str) else [int(c) for c in cfg.labels],
         **chosen,
         "use_ema": bool(cfg.use_ema),
+        **({"released": ckpt["released"]} if "released" in ckpt else {}),
     }
 
 
 def default_out(ckpt_path: Path, st: dict) -> Path:
     sched = {"constant": "", "power_cosine": f"pc{st['scale_pow']:g}", "linear": "lin"}[st["cfg_schedule"]]
     name = f"{ckpt_path.stem}_n{st['num_samples']}_cfg{st['cfg_scale']:g}{sched}_{st['sampler']}{st['steps']}"
-    return ckpt_path.parent.parent / "samples" / f"{name}_seed{st['seed']}"
+    run_dir = ckpt_path.parent if "released" in st else ckpt_path.parent.parent  # a released file has no run dir
+    return run_dir / "samples" / f"{name}_seed{st['seed']}"
+
+
+def chosen_first_stage() -> str | None:
+    """The ``first_stage=`` option given on the command line (a group, so only its name is read here)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("first_stage")
 
 
 def say(message: str) -> None:
@@ -64,7 +79,7 @@ def sample(cfg: DictConfig) -> Path:
     with startup_errors("lightgen.sample"):
         if int(cfg.num_samples) <= 0 or int(cfg.batch_size) <= 0:
             raise LightgenConfigError("num_samples and batch_size must be positive.")
-        module, _, ckpt = method_from_checkpoint(cfg.ckpt, "cpu")
+        module, _, ckpt = method_from_checkpoint(cfg.ckpt, "cpu", first_stage=chosen_first_stage())
         ckpt_path = Path(cfg.ckpt)
         settings = settings_of(cfg, ckpt_path, ckpt, module)
         labels = sampling.make_labels(cfg.labels, settings["num_samples"], module.net.num_classes, settings["seed"])

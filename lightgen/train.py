@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightgen.compose import build_method, check_composition
+from lightgen.compose import build_method, check_composition, init_from
 from lightgen.utils import ddp_launch
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
 from lightgen.utils.errors import LightgenConfigError, first_line
@@ -43,12 +43,19 @@ def build(cfg: DictConfig):
     module = build_method(cfg.method, config=resolved)  # first stage, net, process, ... as cfg.method lists them
 
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and cfg.get("init_from") is not None:
+        raise LightgenConfigError(
+            "ckpt_path= resumes a run and init_from= starts a new one from given weights; pass only one of them."
+        )
     if ckpt_path is None and cfg.get("auto_resume", True):
         found = find_resume_checkpoint(out)
         ckpt_path = str(found) if found else None
     if ckpt_path is not None:
         net = module.net if cfg.get("model") else None
         check_checkpoint_matches(load_checkpoint(ckpt_path), net, ckpt_path, resolved.get("model"))
+    elif cfg.get("init_from") is not None:  # a new run from given weights (a re-run resumes instead)
+        loaded = init_from(module, cfg.init_from)
+        rank_zero_only(print)(f"lightgen.train: starting at step 0 from {loaded} ({cfg.init_from})")
 
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
