@@ -8,6 +8,7 @@ from .dit import (
     load_official_dit,
     match_official_timestep_embedding,
 )
+from .released import Released, identify, load_released, read_weights, released_run_config
 from .taming import (
     describe_state_dict,
     is_diffusers_vq,
@@ -23,6 +24,11 @@ __all__ = [
     "infer_dit_config",
     "load_official_dit",
     "match_official_timestep_embedding",
+    "Released",
+    "identify",
+    "load_released",
+    "read_weights",
+    "released_run_config",
     "describe_state_dict",
     "is_diffusers_vq",
     "is_taming_vqgan",
