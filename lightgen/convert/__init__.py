@@ -8,6 +8,7 @@ from .dit import (
     load_official_dit,
     match_official_timestep_embedding,
 )
+from .export import export, export_diffusers, export_official, read_run
 from .released import Released, identify, load_released, read_weights, released_run_config
 from .taming import (
     describe_state_dict,
@@ -24,6 +25,10 @@ __all__ = [
     "infer_dit_config",
     "load_official_dit",
     "match_official_timestep_embedding",
+    "export",
+    "export_diffusers",
+    "export_official",
+    "read_run",
     "Released",
     "identify",
     "load_released",
