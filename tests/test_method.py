@@ -92,10 +92,11 @@ def test_generate_is_deterministic_per_seed_and_shaped_like_the_data(sampler):
 
 
 def test_generate_rejects_unknown_sampler():
-    with pytest.raises(ValueError, match="use ddpm or ddim"):
-        _module().generate(torch.tensor([0]), sampler="euler", steps=2)
-    with pytest.raises(ValueError, match="use ddpm or ddim"):
-        _module(sampling={"sampler": "euler"})  # bad defaults fail when the module is built
+    choices = "use one of ddpm, ddim, dpmpp_2m, unipc, euler"
+    with pytest.raises(ValueError, match=choices):
+        _module().generate(torch.tensor([0]), sampler="heun", steps=2)
+    with pytest.raises(ValueError, match=choices):
+        _module(sampling={"sampler": "heun"})  # bad defaults fail when the module is built
     with pytest.raises(ValueError, match="unknown sampling setting"):
         _module().generate(torch.tensor([0]), sampling_steps=2)
 
