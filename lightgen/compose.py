@@ -213,13 +213,12 @@ def init_from(module, path: str | Path) -> str:
     the run starts at step 0. One sentence when the architecture differs. Returns what was loaded, for the log.
     """
     from lightgen.convert import released
-    from lightgen.utils.state_dicts import state_dict_mismatch
+    from lightgen.utils.state_dicts import net_state_dict, state_dict_mismatch
 
     obj = released.read_file(path)
     if released.is_lightgen_checkpoint(obj):
-        sd = obj["state_dict"]
-        net_sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
-        ema_sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")} or net_sd
+        net_sd = net_state_dict(obj)
+        ema_sd = net_state_dict(obj, "ema.") or net_sd
         model = ((obj["lightgen"].get("config") or {}).get("model") or {}).get("_target_", "?").rsplit(".", 1)[-1]
         what = f"a lightgen {model} checkpoint at step {int(obj.get('global_step', -1))}"
     else:

@@ -59,7 +59,7 @@ from lightgen.nets import DIT_CONFIGS, MDT, DiffiT, DiT
 from lightgen.utils.checkpoints import load_checkpoint
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.io import atomic_write
-from lightgen.utils.state_dicts import state_dict_mismatch
+from lightgen.utils.state_dicts import net_state_dict, state_dict_mismatch
 
 __all__ = ["RunWeights", "export", "export_diffusers", "export_official", "official_file_name", "read_run"]
 
@@ -154,7 +154,7 @@ def read_run(ckpt: str | os.PathLike, use_ema: bool = True) -> RunWeights:
             f"{SUPPORTED} with time-dependent attention."
         )
     prefix = "ema." if use_ema else "net."
-    state = {k[len(prefix) :]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+    state = net_state_dict(data, prefix)
     with torch.device("meta"):
         net = instantiate(net_cfg)
     expected = net.state_dict()

@@ -12,7 +12,7 @@
 * :func:`load_released` builds the lightgen net and loads it with ``strict=True``; anything else gets one sentence
   naming what the file holds and what was expected.
 * :func:`released_run_config` composes the family's ImageNet experiment around those weights, with the official
-  sampling defaults (:data:`SAMPLING_DEFAULTS`), so ``lightgen.sample`` and ``lightgen.train init_from=`` treat a
+  sampling defaults (:func:`sampling_defaults`), so ``lightgen.sample`` and ``lightgen.train init_from=`` treat a
   released file as a run.
 """
 
@@ -65,14 +65,6 @@ def sampling_defaults(family: str, input_size: int) -> dict:
     if input_size <= 32:
         return {**base, "cfg_scale": 4.4, "cfg_schedule": "power_cosine"}
     return {**base, "cfg_scale": 1.49, "cfg_schedule": "constant"}
-
-
-SAMPLING_DEFAULTS = {
-    "DiT": sampling_defaults("DiT", 32),
-    "MDT": sampling_defaults("MDT", 32),
-    "DiffiT 256 px": sampling_defaults("DiffiT", 32),
-    "DiffiT 512 px": sampling_defaults("DiffiT", 64),
-}
 
 
 # ---------------------------------------------------------------------------------------------

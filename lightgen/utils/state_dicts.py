@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def net_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The trained network's weights in a lightgen training checkpoint: keys ``net.*``, prefix dropped."""
-    return {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+def net_state_dict(ckpt: dict, prefix: str = "net.") -> dict[str, torch.Tensor]:
+    """The trained network's weights in a lightgen training checkpoint: keys ``net.*`` (``prefix="ema."``: its
+    EMA copy), prefix dropped."""
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def state_dict_mismatch(state: dict, target: dict, optional: set | frozenset = frozenset()) -> str:
