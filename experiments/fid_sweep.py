@@ -8,8 +8,10 @@ For each value: ``python -m lightgen.sample ckpt=<checkpoint> num_samples=1000 b
 statistics. Rows accumulate in ``<out>/results.json`` keyed by their settings, so a second call with other
 ``--set`` values (e.g. ``posterior=exact``) adds a second curve; ``results.md`` and ``fid.png`` (one curve per
 distinct ``--set``) are rewritten from all rows. Samples go to ``runs/fid_sweep/<out name>/<settings>``;
-a re-run samples and evaluates only what is missing. ``python experiments/fid_sweep.py --replot <out>`` redraws
-``results.md`` and ``fid.png`` from ``results.json`` alone.
+a re-run samples and evaluates only what is missing. The wall time of each ``lightgen.sample`` call (start-up
+included, Inception excluded) is kept in ``<samples>/timing.json`` and reported as "sampling s". ``--logx`` draws
+the varied setting on a log axis (step counts). ``python experiments/fid_sweep.py --replot <out> [--logx]``
+redraws ``results.md`` and ``fid.png`` from ``results.json`` alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lightgen.utils.plots import plot_curves
@@ -34,9 +37,9 @@ def slug(settings: dict) -> str:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--replot"] and len(sys.argv) == 3:
+    if sys.argv[1:2] == ["--replot"] and len(sys.argv) in (3, 4):
         out = Path(sys.argv[2])
-        summarize(json.loads((out / "results.json").read_text()), out)
+        summarize(json.loads((out / "results.json").read_text()), out, logx="--logx" in sys.argv)
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", required=True)
     ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--logx", action="store_true", help="plot the varied setting on a log axis")
     args = ap.parse_args()
     key, values = args.vary[0], args.vary[1:]
     fixed = dict(item.split("=", 1) for item in args.set)
@@ -55,36 +59,45 @@ def main() -> None:
     for value in values:
         settings = {**fixed, key: value}
         samples = ROOT / "runs" / "fid_sweep" / out.name / slug(settings)
-        metrics = samples / "samples_metrics.json"
+        metrics, timing = samples / "samples_metrics.json", samples / "timing.json"
         if not metrics.is_file():
             overrides = [f"{k}={v}" for k, v in settings.items()]
-            run("sample", f"ckpt={args.ckpt}", f"num_samples={args.num_samples}", "batch_size=100", *overrides,
-                f"out={samples}")  # fmt: skip
+            if not (samples / "samples.npz").is_file():
+                start = time.perf_counter()
+                run("sample", f"ckpt={args.ckpt}", f"num_samples={args.num_samples}", "batch_size=100", *overrides,
+                    f"out={samples}")  # fmt: skip
+                timing.write_text(json.dumps({"sample_seconds": time.perf_counter() - start}))
             run("evaluate", f"samples={samples}", f"ref={args.ref}", "fd_method=eigh", "kid=false", f"out={metrics}")
         m = json.loads(metrics.read_text())["metrics"]
         info = json.loads((samples / "sample_info.json").read_text())
         row = {"vary": key, "value": value, "set": fixed, "fid1k": m["fid"], "sfid": m["sfid"],
                "precision": m["precision"], "recall": m["recall"], "sample_info": info}  # fmt: skip
+        if timing.is_file():
+            row["sample_seconds"] = json.loads(timing.read_text())["sample_seconds"]
         rows = [r for r in rows if not (r["value"] == value and r["set"] == fixed and r["vary"] == key)] + [row]
     results.write_text(json.dumps(rows, indent=2))
-    summarize(rows, out)
+    summarize(rows, out, logx=args.logx)
 
 
-def summarize(rows: list[dict], out: Path) -> None:
+def summarize(rows: list[dict], out: Path, logx: bool = False) -> None:
     """``results.md`` (a row per setting) and ``fid.png`` (a curve per distinct ``--set``) from all rows."""
     key = rows[0]["vary"]
-    lines = [f"| {key} | other settings | FID-1k | sFID | precision | recall |", "|---|---|---|---|---|---|"]
+    timed = any("sample_seconds" in r for r in rows)
+    head = f"| {key} | other settings | FID-1k | sFID | precision | recall |" + (" sampling s |" if timed else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     curves = {}
     for r in rows:
         other = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "the run's"
         scores = f"{r['fid1k']:.2f} | {r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f}"
+        if timed:
+            scores += f" | {r['sample_seconds']:.0f}" if "sample_seconds" in r else " | –"
         lines.append(f"| {r['value']} | {other} | {scores} |")
         xs, ys = curves.setdefault(other, ([], []))
         xs.append(float(r["value"]))
         ys.append(r["fid1k"])
     (out / "results.md").write_text("\n".join(lines) + "\n")
     ordered = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in curves.items()}
-    plot_curves(ordered, out / "fid.png", title=out.name, ylabel="FID-1k (lower is better)", xlabel=key)
+    plot_curves(ordered, out / "fid.png", title=out.name, ylabel="FID-1k (lower is better)", xlabel=key, logx=logx)
     print("\n".join(lines))
 
 

@@ -32,3 +32,12 @@ def test_plot_curves_draws_each_series(tmp_path):
     with pytest.raises(ValueError):
         plot_curves({}, tmp_path / "q.png")
     assert smooth([1.0, 0.0], 0.5) == [1.0, 0.5]
+
+
+def test_plot_curves_logx_spaces_decades_evenly(tmp_path):
+    blue = (31, 119, 180)
+    log = np.asarray(Image.open(plot_curves({"a": ([10, 100, 1000], [3.0, 1.0, 2.0])}, tmp_path / "l.png", logx=True)))
+    lin = np.asarray(Image.open(plot_curves({"a": ([1, 2, 3], [3.0, 1.0, 2.0])}, tmp_path / "n.png")))
+    assert ((log == blue).all(-1) == (lin == blue).all(-1)).all()  # the same curve; only tick labels differ
+    with pytest.raises(ValueError, match="positive"):
+        plot_curves({"a": ([0, 1], [1.0, 2.0])}, tmp_path / "z.png", logx=True)

@@ -39,8 +39,14 @@ def plot_curves(
     xlabel: str = "step",
     ylabel: str = "",
     size: tuple[int, int] = (720, 420),
+    logx: bool = False,
 ) -> Path:
-    """Draw named (x, y) series on shared axes and save a PNG."""
+    """Draw named (x, y) series on shared axes and save a PNG; ``logx`` puts x on a log axis, ticked at the data."""
+    if logx:
+        if any(x <= 0 for xv, _ in series.values() for x in xv):
+            raise ValueError("plot_curves(logx=True) needs positive x values.")
+        marks = sorted({x for xv, _ in series.values() for x in xv})
+        series = {k: ([math.log10(x) for x in xv], yv) for k, (xv, yv) in series.items()}
     w, h = size
     left, right, top, bottom = 70, 20, 36, 48
     img = Image.new("RGB", size, "white")
@@ -61,11 +67,12 @@ def plot_curves(
         d.line([left - 4, yy, left, yy], fill="black")
         d.line([left, yy, w - right, yy], fill=(230, 230, 230))
         d.text((4, yy - 6), _label(t, y0, y1), fill="black")
-    for t in _ticks(x0, x1):
+    xticks = [(math.log10(m), f"{m:g}") for m in marks] if logx else [(t, _label(t, x0, x1)) for t in _ticks(x0, x1)]
+    for t, text in xticks:
         xx, _ = px(t, y0)
         d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
-        d.text((xx - 12, h - bottom + 8), _label(t, x0, x1), fill="black")
-    d.text((w // 2 - 20, h - 18), xlabel, fill="black")
+        d.text((xx - 12, h - bottom + 8), text, fill="black")
+    d.text((w // 2 - 20, h - 18), xlabel + (" (log scale)" if logx else ""), fill="black")
     d.text((4, 4), f"{title}   {ylabel}".strip(), fill="black")
     for i, (name, (xv, yv)) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
