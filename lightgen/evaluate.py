@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from lightgen.utils import signals
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.io import atomic_write
@@ -444,7 +445,10 @@ def run(cfg: DictConfig) -> dict | Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with signals.exit_on_terminated(
+        "lightgen.evaluate", kept=lambda: "nothing was written (results are written at the end)"
+    ):
+        run(cfg)
 
 
 def _argv_with_mode(argv: list[str]) -> list[str]:

@@ -47,6 +47,7 @@ from lightgen.data.shards import (
     token_dtype,
     tokenizer_sha256,
 )
+from lightgen.utils import signals
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.progress import progress_bar
@@ -358,7 +359,13 @@ def _print_summary(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
-    extract(cfg)
+    with signals.exit_on_terminated("lightgen.extract", kept=lambda: _kept(Path(cfg.out))):
+        extract(cfg)
+
+
+def _kept(out: Path) -> str:
+    shards = [p for p in out.glob("*.npy") if not p.name.startswith("labels_")] if out.is_dir() else []
+    return f"{len(shards)} finished shard file(s) kept in {out}; re-run the same command to go on"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightgen import sampling
 from lightgen.compose import method_from_checkpoint
+from lightgen.utils import signals
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.instantiate import quiet_known_warnings, startup_errors
 
@@ -74,6 +75,11 @@ def say(message: str) -> None:
     print(f"lightgen.sample: {message}", file=sys.stderr, flush=True)
 
 
+def _kept(out: Path) -> str:
+    parts = sorted((out / sampling.PARTS).glob("batch_*.npy")) if (out / sampling.PARTS).is_dir() else []
+    return f"{len(parts)} finished batch file(s) kept in {out / sampling.PARTS}; re-run the same command to go on"
+
+
 def sample(cfg: DictConfig) -> Path:
     quiet_known_warnings()
     with startup_errors("lightgen.sample"):
@@ -92,21 +98,26 @@ def sample(cfg: DictConfig) -> Path:
 
         trainer = instantiate(trainer_cfg, callbacks=[RichProgressBar()], logger=False, enable_model_summary=False)
 
+    launcher = trainer.strategy.launcher
+    forward = getattr(launcher, "kill", None) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
     torch.set_float32_matmul_precision("high")
-    draw = {k: settings[k] for k in (*SETTING_KEYS, "use_ema")}
-    task = sampling.SamplingTask(module, labels, settings["batch_size"], settings["seed"], out / sampling.PARTS, draw)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(trainer.node_rank) == 0:
-        sampling.write_settings(out, settings)
-        done = task.num_batches - len(task.todo(0, 1))
-        say(
-            f"sampling {settings['num_samples']} images in {task.num_batches} batches of {settings['batch_size']} "
-            f"on {trainer.world_size} process(es)" + (f"; {done} batches already done" if done else "")
+    with signals.exit_on_terminated("lightgen.sample", kept=lambda: _kept(out), forward=forward):
+        draw = {k: settings[k] for k in (*SETTING_KEYS, "use_ema")}
+        task = sampling.SamplingTask(
+            module, labels, settings["batch_size"], settings["seed"], out / sampling.PARTS, draw
         )
-    trainer.predict(task, return_predictions=False)
-    if trainer.is_global_zero:
-        info = {**settings, "world_size": trainer.world_size}
-        shape = sampling.merge_parts(out, task, info, cfg.grid_per_class, cfg.grid_max_classes, png=bool(cfg.png))
-        say(f"wrote {out / 'samples.npz'} {shape} uint8 and {out / 'grid.png'}")
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(trainer.node_rank) == 0:
+            sampling.write_settings(out, settings)
+            done = task.num_batches - len(task.todo(0, 1))
+            say(
+                f"sampling {settings['num_samples']} images in {task.num_batches} batches of {settings['batch_size']} "
+                f"on {trainer.world_size} process(es)" + (f"; {done} batches already done" if done else "")
+            )
+        trainer.predict(task, return_predictions=False)
+        if trainer.is_global_zero:
+            info = {**settings, "world_size": trainer.world_size}
+            shape = sampling.merge_parts(out, task, info, cfg.grid_per_class, cfg.grid_max_classes, png=bool(cfg.png))
+            say(f"wrote {out / 'samples.npz'} {shape} uint8 and {out / 'grid.png'}")
     return out
 
 

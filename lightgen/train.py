@@ -7,7 +7,9 @@ samples/. Re-running a command with the same ``hydra.run.dir`` resumes from its 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,8 +19,9 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lightgen.callbacks.nonfinite import NonFiniteTraining
 from lightgen.compose import build_method, check_composition, init_from
-from lightgen.utils import ddp_launch
+from lightgen.utils import ddp_launch, signals
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
 from lightgen.utils.errors import LightgenConfigError, first_line
 from lightgen.utils.instantiate import instantiate_dict, quiet_known_warnings, root_cause, startup_errors
@@ -48,7 +51,9 @@ def build(cfg: DictConfig):
             "ckpt_path= resumes a run and init_from= starts a new one from given weights; pass only one of them."
         )
     if ckpt_path is None and cfg.get("auto_resume", True):
-        found = find_resume_checkpoint(out)
+        found = find_resume_checkpoint(
+            out, warn=rank_zero_only(lambda m: print(f"lightgen.train: warning: {m}", file=sys.stderr))
+        )
         ckpt_path = str(found) if found else None
     if ckpt_path is not None:
         net = module.net if cfg.get("model") else None
@@ -89,7 +94,8 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(run["config"])
     if run["ckpt_path"]:
         rank_zero_only(print)(f"lightgen.train: resuming from {run['ckpt_path']}")
-    trainer.fit(run["module"], datamodule=run["datamodule"], ckpt_path=run["ckpt_path"], weights_only=False)
+    with signals.exit_on_terminated("lightgen.train", kept=lambda: _kept(out)), run_errors("lightgen.train", out):
+        trainer.fit(run["module"], datamodule=run["datamodule"], ckpt_path=run["ckpt_path"], weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
     finished = trainer.state.status == TrainerStatus.FINISHED
@@ -98,6 +104,30 @@ def train(cfg: DictConfig) -> dict:
     )
     _finish_wandb()
     return metrics
+
+
+def _kept(out: Path) -> str:
+    last = out / "checkpoints" / "last.ckpt"
+    return f"{last} is kept; re-run the same command to resume" if last.is_file() else "no checkpoint was written yet"
+
+
+@contextlib.contextmanager
+def run_errors(prog: str, out: Path):
+    """Failures during training that are not bugs: one line on stderr and exit status 1, checkpoints kept.
+
+    A run that diverged (:class:`NonFiniteTraining`) and a write that failed (``OSError``: a full disk, a
+    quota, a vanished mount) stop here; atomic writes leave every existing checkpoint as it was.
+    """
+    try:
+        yield
+    except NonFiniteTraining as e:
+        print(f"{prog}: error: {e}; {_kept(out)}.", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except OSError as e:
+        text = e.strerror if e.strerror and e.filename else first_line(e)
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in text else ""
+        print(f"{prog}: error: {text}{where}; {_kept(out)}.", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def _finish_wandb(exit_code: int = 0) -> None:

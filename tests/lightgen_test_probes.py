@@ -5,14 +5,20 @@ Run with ``tests/`` on ``PYTHONPATH`` (see ``PROBES_ENV``); never used outside t
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 from lightgen.diffusion import GaussianDiffusionProcess
+from lightgen.first_stage import IdentityFirstStage
+from lightgen.utils.checkpoints import AtomicCheckpointIO
 
 TESTS = Path(__file__).resolve().parent
 PROBES_ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
@@ -56,3 +62,84 @@ def per_sample_noise_process(loss_log: str | None = None, **kwargs):
 
     diffusion.training_losses = training_losses
     return process
+
+
+# -- fault injection (tests/test_reliability.py) ----------------------------------------------------------------
+class FullDiskCheckpointIO(AtomicCheckpointIO):
+    """``AtomicCheckpointIO`` whose ``fail_at``-th checkpoint write (1-based) runs out of space half-way: it
+    writes part of the file and raises ``OSError(ENOSPC)`` from inside the writer, as a full disk does.
+
+    ``trainer.plugins.0._target_=lightgen_test_probes.FullDiskCheckpointIO +trainer.plugins.0.fail_at=3``.
+    """
+
+    def __init__(self, fail_at: int = 2):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.calls += 1
+        if self.calls < self.fail_at:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        real_save = torch.save
+
+        def half_then_full(obj, f, *args, **kwargs):
+            f.write(b"partial checkpoint bytes " * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        torch.save = half_then_full
+        try:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        finally:
+            torch.save = real_save
+
+
+class NaNBatches(pl.Callback):
+    """Fills the images of the batches of steps ``start`` .. ``start + count - 1`` with NaN (a corrupt record in
+    the data), so their loss and gradients are not finite. ``+callbacks.nan._target_=lightgen_test_probes.NaNBatches``.
+    """
+
+    def __init__(self, start: int = 2, count: int = 1):
+        self.start, self.count = start, count
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start <= trainer.global_step < self.start + self.count:
+            batch["image"].fill_(float("nan"))
+
+
+class SlowIdentity(IdentityFirstStage):
+    """The identity first stage, ``delay`` seconds per encoded batch: an extraction slow enough to kill mid-way."""
+
+    def __init__(self, delay: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return super().encode(images)
+
+
+class SlowDiskCheckpointIO(AtomicCheckpointIO):
+    """``AtomicCheckpointIO`` on a slow disk: each checkpoint is written in two halves ``delay`` seconds apart, so
+    a test can kill the process while a ``*.tmp`` file is half written. The bytes written are the same."""
+
+    def __init__(self, delay: float = 0.3):
+        super().__init__()
+        self.delay = delay
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        real_save = torch.save
+
+        def slow_save(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            time.sleep(self.delay)
+            f.write(data[len(data) // 2 :])
+
+        torch.save = slow_save
+        try:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        finally:
+            torch.save = real_save

@@ -15,6 +15,7 @@ from lightgen.methods.ema import make_ema, update_ema
 from lightgen.methods.lr_schedules import warmup_cosine
 from lightgen.nets.dit import DiT
 from lightgen.utils.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
+from lightgen.utils.errors import LightgenConfigError
 
 
 def tiny_net(**kw):
@@ -192,13 +193,49 @@ def test_atomic_checkpoint_write_keeps_the_old_file_when_a_write_fails(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "no partial file is left behind"
 
 
+def _fake_ckpt(path, step):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.full((2,), float(step))}, "global_step": step}, path)
+    return path
+
+
 def test_find_resume_checkpoint_prefers_the_newest(tmp_path):
     assert find_resume_checkpoint(tmp_path) is None
-    (tmp_path / "checkpoints").mkdir()
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"x")
+    last = _fake_ckpt(tmp_path / "checkpoints" / "last.ckpt", 3)
+    _fake_ckpt(tmp_path / "checkpoints" / "step_0000002.ckpt", 2)
     assert find_resume_checkpoint(tmp_path) == last
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"y")
+    hpc = _fake_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 4)
     os.utime(hpc, (time.time() + 10, time.time() + 10))
     assert find_resume_checkpoint(tmp_path) == hpc
+
+
+@pytest.mark.parametrize(
+    "damage, phrase",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "probably truncated"),
+        (lambda p: p.write_bytes(b""), "it is empty"),
+        (lambda p: p.write_text("not a checkpoint at all\n"), "probably truncated"),
+        (lambda p: torch.save({"model": {}}, p), "not a lightgen training checkpoint"),
+    ],
+    ids=["truncated", "zero-bytes", "text", "foreign-dict"],
+)
+def test_a_damaged_last_ckpt_falls_back_to_the_newest_readable_periodic_one(tmp_path, damage, phrase):
+    ckpts = tmp_path / "checkpoints"
+    _fake_ckpt(ckpts / "step_0000002.ckpt", 2)
+    newest = _fake_ckpt(ckpts / "step_0000004.ckpt", 4)
+    last = _fake_ckpt(ckpts / "last.ckpt", 5)
+    damage(last)
+    warnings_seen = []
+    assert find_resume_checkpoint(tmp_path, warn=warnings_seen.append) == newest
+    assert len(warnings_seen) == 1 and str(last) in warnings_seen[0] and str(newest) in warnings_seen[0]
+    assert phrase in warnings_seen[0]
+    newest.write_bytes(b"")  # the newest periodic one is damaged too: the next one
+    assert find_resume_checkpoint(tmp_path, warn=warnings_seen.append).name == "step_0000002.ckpt"
+
+
+def test_no_readable_checkpoint_stops_with_one_sentence_instead_of_a_fresh_start(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    _fake_ckpt(ckpts / "last.ckpt", 5).write_bytes(b"")
+    _fake_ckpt(ckpts / "step_0000004.ckpt", 4).write_bytes(b"\x00" * 10)
+    with pytest.raises(LightgenConfigError, match=r"no checkpoint in .* can be read \(last.ckpt: it is empty; "):
+        find_resume_checkpoint(tmp_path)

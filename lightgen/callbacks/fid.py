@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightgen.sampling import draw_batch, make_labels, rank_batches
+from lightgen.utils import signals
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.image_grids import log_image_to_loggers, save_grid, to_uint8
 
@@ -153,6 +154,8 @@ class FIDCallback(pl.Callback):
         acc = FeatureStatsAccumulator(2048, device=device if device.type == "cuda" else "cpu")
         grid: list[torch.Tensor] = []
         for b in rank_batches(num_batches, rank, world):
+            if world == 1:  # a stop signal during a mid-training FID (deferred) stops here, not after it
+                signals.check()
             x = draw_batch(pl_module, labels, self.batch_size, self.seed, b, **self.overrides)
             images = to_uint8(x)  # (N, H, W, C) uint8, as the final evaluation
             for i in range(0, len(images), self.inception_batch_size):

@@ -73,7 +73,13 @@ class LightgenModule(RunState, pl.LightningModule):
 
     Needs ``self.net``, ``self.optimizer_factory`` (``functools.partial`` of a torch optimiser) and
     ``self.scheduler_factory`` (None or a partial taking the optimiser, stepped every training step).
+
+    ``step_skipped`` / ``nonfinite_streak`` are set by :class:`lightgen.callbacks.NonFiniteGuard`: whether the
+    current optimiser step was skipped for a non-finite loss or gradient, and how many were in a row.
     """
+
+    step_skipped: bool = False
+    nonfinite_streak: int = 0
 
     def optimized_parameter_groups(self) -> list[list[nn.Parameter]]:
         """One list of parameters per optimiser (default: the trainable parameters of ``self.net``)."""
@@ -162,7 +168,7 @@ class GenerativeModule(LightgenModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         # global_step counts the optimiser steps before this one, so this is step global_step + 1
-        if (self.global_step + 1) % self.ema_every == 0:
+        if not self.step_skipped and (self.global_step + 1) % self.ema_every == 0:
             update_ema(self.ema, self.net, self.ema_decay)
 
     def on_before_optimizer_step(self, optimizer) -> None:

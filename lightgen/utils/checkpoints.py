@@ -46,12 +46,51 @@ def load_checkpoint(path: str | Path, mmap: bool = True) -> dict:
         ) from e
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest of ``checkpoints/last.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt`` in a run dir."""
+def find_resume_checkpoint(run_dir: str | Path, warn=None) -> Path | None:
+    """The checkpoint a re-run of ``run_dir`` resumes from, or None for a run that has none yet.
+
+    First the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``; when that file
+    cannot be read (truncated by a full disk, zero bytes, not a checkpoint), the newest readable periodic
+    ``checkpoints/step_*.ckpt``, with one warning line naming both files (passed to ``warn``). When checkpoint
+    files exist but none can be read, one sentence (:class:`LightgenConfigError`): never a silent fresh start
+    over an existing run.
+    """
+    from lightgen.callbacks.step_checkpoint import periodic_checkpoints  # the callback owns the file names
+
     run_dir = Path(run_dir)
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    candidates = [p for p in candidates if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    latest = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    latest = sorted((p for p in latest if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    periodic = [p for _, p in reversed(periodic_checkpoints(run_dir / "checkpoints"))]
+    candidates = list(dict.fromkeys([*latest, *periodic]))  # a file once, newest first
+    damaged: list[tuple[Path, str]] = []
+    for path in candidates:
+        problem = unreadable(path)
+        if problem is None:
+            if damaged and warn is not None:
+                first, why = damaged[0]
+                warn(f"{first} cannot be read ({why}); resuming from {path} instead")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise LightgenConfigError(
+            f"no checkpoint in {run_dir / 'checkpoints'} can be read ({listed}); pass ckpt_path= to resume from "
+            f"another file, or move the run directory away to start afresh."
+        )
+    return None
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a checkpoint file cannot be resumed from (one phrase), or None when it loads as a training checkpoint."""
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty"
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        return f"{type(e).__name__}, probably truncated"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        return "not a lightgen training checkpoint"
+    return None
 
 
 def _describe(model_cfg: dict | None) -> str:

@@ -30,6 +30,11 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file the caller asked for (a full disk reports no file name)
+        tmp.unlink(missing_ok=True)
+        if e.filename is None or Path(str(e.filename)) == tmp:
+            raise OSError(e.errno, f"writing {path} failed: {e.strerror or e}", str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
