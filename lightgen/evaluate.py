@@ -33,8 +33,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lightgen.utils import signals
-from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils import cli, signals
+from lightgen.utils.errors import LightgenConfigError, work_errors
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.io import atomic_write
 
@@ -108,6 +108,16 @@ def check_eval_inputs(cfg: DictConfig) -> tuple[Path, int, Path]:
             f"ref={cfg.ref} does not exist; pass ADM's reference .npz, a lightgen make_ref file, a samples .npz, "
             f"an image folder, or ref=data with data=<dataset>."
         )
+    if str(cfg.ref) != "data":
+        from lightgen.metrics.reference import image_size_of
+
+        mine, theirs = image_size_of(samples), image_size_of(cfg.ref)
+        if mine and theirs and mine != theirs:
+            raise LightgenConfigError(
+                f"the samples ({samples}) and the reference ({cfg.ref}) have different image sizes, "
+                f"{mine[0]}x{mine[1]} and {theirs[0]}x{theirs[1]}; FID compares images of one resolution, so "
+                f"sample at the reference's size or use a reference made at {mine[0]}x{mine[1]}."
+            )
     out = Path(cfg.out) if cfg.out else samples.with_name(f"{samples.stem}_metrics.json")
     return samples, n, out
 
@@ -445,8 +455,10 @@ def run(cfg: DictConfig) -> dict | Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with signals.exit_on_terminated(
-        "lightgen.evaluate", kept=lambda: "nothing was written (results are written at the end)"
+    cli.task_started()
+    with (
+        signals.exit_on_terminated("lightgen.evaluate", kept=lambda: "no results were written (they come at the end)"),
+        work_errors("lightgen.evaluate"),
     ):
         run(cfg)
 
@@ -458,4 +470,4 @@ def _argv_with_mode(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *_argv_with_mode(sys.argv[1:])]
-    main()
+    cli.run("lightgen.evaluate", main)

@@ -47,8 +47,8 @@ from lightgen.data.shards import (
     token_dtype,
     tokenizer_sha256,
 )
-from lightgen.utils import signals
-from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils import cli, signals
+from lightgen.utils.errors import LightgenConfigError, work_errors
 from lightgen.utils.instantiate import startup_errors
 from lightgen.utils.progress import progress_bar
 
@@ -359,7 +359,11 @@ def _print_summary(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
-    with signals.exit_on_terminated("lightgen.extract", kept=lambda: _kept(Path(cfg.out))):
+    cli.task_started()
+    with (
+        signals.exit_on_terminated("lightgen.extract", kept=lambda: _kept(Path(cfg.out))),
+        work_errors("lightgen.extract", kept=lambda: _kept(Path(cfg.out))),
+    ):
         extract(cfg)
 
 
@@ -370,4 +374,4 @@ def _kept(out: Path) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    main()
+    cli.run("lightgen.extract", main)

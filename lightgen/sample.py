@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightgen import sampling
 from lightgen.compose import method_from_checkpoint
-from lightgen.utils import signals
-from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils import cli, signals
+from lightgen.utils.errors import LightgenConfigError, work_errors
 from lightgen.utils.instantiate import quiet_known_warnings, startup_errors
 
 SETTING_KEYS = tuple(sampling.DEFAULTS)
@@ -101,7 +101,10 @@ def sample(cfg: DictConfig) -> Path:
     launcher = trainer.strategy.launcher
     forward = getattr(launcher, "kill", None) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None
     torch.set_float32_matmul_precision("high")
-    with signals.exit_on_terminated("lightgen.sample", kept=lambda: _kept(out), forward=forward):
+    with (
+        signals.exit_on_terminated("lightgen.sample", kept=lambda: _kept(out), forward=forward),
+        work_errors("lightgen.sample", kept=lambda: _kept(out)),
+    ):
         draw = {k: settings[k] for k in (*SETTING_KEYS, "use_ema")}
         task = sampling.SamplingTask(
             module, labels, settings["batch_size"], settings["seed"], out / sampling.PARTS, draw
@@ -123,8 +126,9 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    cli.task_started()
     sample(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("lightgen.sample", main)

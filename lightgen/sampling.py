@@ -59,6 +59,11 @@ def resolve_settings(defaults: dict, overrides: dict | None = None) -> dict:
             f"unknown sampling setting(s) {', '.join(unknown)}; the settings are {', '.join(DEFAULTS)}."
         )
     s = {**DEFAULTS, **given}
+    for key in ("steps", "cfg_scale", "scale_pow", "eta", "choice_temperature", "truncation", "purity_weight"):
+        try:
+            float(s[key])
+        except (TypeError, ValueError):
+            raise LightgenConfigError(f"{key}={s[key]!r} must be a number.") from None
     check_guidance_schedule(s["cfg_schedule"], s["scale_pow"])
     if isinstance(s["steps"], bool) or int(s["steps"]) <= 0:
         raise LightgenConfigError(f"steps={s['steps']!r} must be a positive number of sampling steps.")

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightgen.callbacks.nonfinite import NonFiniteTraining
 from lightgen.compose import build_method, check_composition, init_from
-from lightgen.utils import ddp_launch, signals
+from lightgen.utils import cli, ddp_launch, signals
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
-from lightgen.utils.errors import LightgenConfigError, first_line
+from lightgen.utils.errors import LightgenConfigError, first_line, work_errors
 from lightgen.utils.instantiate import instantiate_dict, quiet_known_warnings, root_cause, startup_errors
 from lightgen.utils.rng import seed_all
 from lightgen.utils.sweep import write_result
@@ -45,6 +45,7 @@ def build(cfg: DictConfig):
     resolved = OmegaConf.to_container(cfg, resolve=True)
     module = build_method(cfg.method, config=resolved)  # first stage, net, process, ... as cfg.method lists them
 
+    check_optimizer(module)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and cfg.get("init_from") is not None:
         raise LightgenConfigError(
@@ -66,6 +67,20 @@ def build(cfg: DictConfig):
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return dict(datamodule=datamodule, module=module, trainer=trainer, ckpt_path=ckpt_path, config=resolved)
+
+
+def check_optimizer(module) -> None:
+    """One sentence for optimiser settings torch would reject only at the first step (``optim.optimizer.lr=fast``)."""
+    factory = getattr(module, "optimizer_factory", None)
+    if factory is None:
+        return
+    for key, value in getattr(factory, "keywords", {}).items():
+        if isinstance(value, str):
+            raise LightgenConfigError(f"optim.optimizer.{key}={value!r} must be a number, not text.")
+    try:
+        factory(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as e:
+        raise LightgenConfigError(f"optim.optimizer is not valid ({first_line(e)}); fix its settings.") from e
 
 
 @rank_zero_only
@@ -113,21 +128,14 @@ def _kept(out: Path) -> str:
 
 @contextlib.contextmanager
 def run_errors(prog: str, out: Path):
-    """Failures during training that are not bugs: one line on stderr and exit status 1, checkpoints kept.
-
-    A run that diverged (:class:`NonFiniteTraining`) and a write that failed (``OSError``: a full disk, a
-    quota, a vanished mount) stop here; atomic writes leave every existing checkpoint as it was.
-    """
-    try:
-        yield
-    except NonFiniteTraining as e:
-        print(f"{prog}: error: {e}; {_kept(out)}.", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except OSError as e:
-        text = e.strerror if e.strerror and e.filename else first_line(e)
-        where = f" ({e.filename})" if e.filename and str(e.filename) not in text else ""
-        print(f"{prog}: error: {text}{where}; {_kept(out)}.", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    """A run that diverged (:class:`NonFiniteTraining`), bad input met during training and failed writes stop
+    with one line (see :func:`lightgen.utils.errors.work_errors`); atomic writes keep every checkpoint."""
+    with work_errors(prog, kept=lambda: _kept(out)):
+        try:
+            yield
+        except NonFiniteTraining as e:
+            print(f"{prog}: error: {e}; {_kept(out)}.", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
 
 def _finish_wandb(exit_code: int = 0) -> None:
@@ -176,10 +184,11 @@ def run_multirun_job(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    cli.task_started()
     metrics = run_multirun_job(cfg) if _in_multirun() else train(cfg)
     return metrics.get("train/loss")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    main()
+    cli.run("lightgen.train", main)

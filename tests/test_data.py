@@ -45,16 +45,21 @@ def test_fashion_mnist_is_padded_to_32_scaled_and_labelled(fake_fashion_mnist):
 
 def test_missing_fashion_mnist_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("LIGHTGEN_DATA", raising=False)
-    dm = FashionMNISTDataModule(root=str(tmp_path / "missing"), batch_size=8, system_dirs=[str(tmp_path / "sys")])
+    dm = FashionMNISTDataModule(root=None, batch_size=8, system_dirs=[str(tmp_path / "sys"), str(tmp_path / "deb")])
     with pytest.raises(LightgenConfigError) as err:
         dm.check()
     msg = str(err.value)
-    assert (
-        str(tmp_path / "missing") in msg
-        and str(tmp_path / "sys") in msg
-        and "apt-get install dataset-fashion-mnist" in msg
-    )
-    assert "\n" not in msg
+    assert str(tmp_path / "sys") in msg and str(tmp_path / "deb") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "\n" not in msg
+
+
+def test_an_explicit_root_that_does_not_hold_the_data_is_not_replaced_by_another_copy(
+    tmp_path, fake_fashion_mnist, monkeypatch
+):
+    monkeypatch.setenv("LIGHTGEN_DATA", str(fake_fashion_mnist))  # a copy exists elsewhere: not used
+    dm = FashionMNISTDataModule(root=str(tmp_path / "missing"), batch_size=8, system_dirs=[str(fake_fashion_mnist)])
+    with pytest.raises(LightgenConfigError, match=r"data.root=\S+missing does not hold Fashion-MNIST \(train\)"):
+        dm.check()
 
 
 def test_lightgen_data_env_is_searched(fake_fashion_mnist, monkeypatch):

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightgen.data.sampler import InfiniteBatchSampler
+from lightgen.utils.errors import LightgenConfigError
 
 
 class ArrayImageDataset(Dataset):
@@ -69,6 +70,11 @@ class IndexedDataModule(pl.LightningDataModule):
         shuffle: bool = True,
     ):
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise LightgenConfigError(
+                    f"data.{name}={value!r} must be a whole number >= {least} (data.batch_size is the global batch)."
+                )
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.random_flip = random_flip

@@ -45,9 +45,11 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def candidate_dirs(root: str | None, system_dirs=(DEBIAN_DIR,)) -> list[Path]:
-    dirs = []
+    """An explicit ``root`` is the only place searched (a path that is wrong must stop the run, not be replaced
+    by another copy); without one, $LIGHTGEN_DATA, then the ``system_dirs`` (data/fashion-mnist, Debian's)."""
     if root:
-        dirs += [Path(root), Path(root) / "fashion-mnist"]
+        return [Path(root), Path(root) / "fashion-mnist"]
+    dirs = []
     env = os.environ.get("LIGHTGEN_DATA")
     if env:
         dirs += [Path(env), Path(env) / "fashion-mnist"]
@@ -63,6 +65,12 @@ def locate(root: str | None, split: str, system_dirs=None) -> tuple[Path, Path]:
         if images and labels:
             return images, labels
     where = ", ".join(str(d) for d in looked)
+    if root:
+        raise LightgenConfigError(
+            f"data.root={root} does not hold Fashion-MNIST ({split}) (looked in {where}); fix the path, or drop "
+            f"data.root to search $LIGHTGEN_DATA, data/fashion-mnist and Debian's copy "
+            f"(`apt-get install dataset-fashion-mnist`)."
+        )
     raise LightgenConfigError(
         f"Fashion-MNIST ({split}) not found: looked in {where}; install it with "
         f"`apt-get install dataset-fashion-mnist` (or `make data`), point data.root (or $LIGHTGEN_DATA) at "

@@ -57,8 +57,13 @@ class ImageFolderDataset:
         return self.n
 
     def load(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as img:
-            arr = center_crop_arr(img.convert("RGB" if self.channels == 3 else "L"), self.image_size)
+        try:
+            with Image.open(self.files[i]) as img:
+                arr = center_crop_arr(img.convert("RGB" if self.channels == 3 else "L"), self.image_size)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, ...
+            raise LightgenConfigError(
+                f"{self.files[i]} cannot be read as an image ({type(e).__name__}); replace or remove the file."
+            ) from e
         x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(127.5).sub_(1.0)
         return x.permute(2, 0, 1) if x.ndim == 3 else x[None]
 

@@ -265,6 +265,24 @@ def count_images(path: str | Path) -> int:
     return int(shape[0])
 
 
+def image_size_of(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of the images of a samples/reference ``.npz`` (``arr_0`` header) or an image folder (first file);
+    None for a file of statistics only (no images to compare)."""
+    path = Path(path)
+    if path.is_dir():
+        files = _image_files(path)
+        return tuple(_read_image(files[0]).shape[:2]) if files else None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                return None
+            with zf.open("arr_0.npy") as f:
+                shape, _, _ = _read_npy_header(f)
+    except (OSError, zipfile.BadZipFile):
+        return None  # the readers say what is wrong with the file
+    return (int(shape[1]), int(shape[2])) if len(shape) >= 3 else None
+
+
 def _read_npy_header(f):
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
