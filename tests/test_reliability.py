@@ -375,3 +375,28 @@ def test_extract_killed_and_terminated_resumes_with_no_shard_lost_or_duplicated(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == json.loads((tmp_path / "straight" / "manifest.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see the file being read")
+def test_evaluate_stops_within_seconds_on_sigterm_and_writes_nothing(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8))
+    proc = Proc("evaluate", f"samples={samples}", f"ref={tmp_path / 'ref.npz'}", "batch_size=16")
+    assert proc.until(lambda: _has_open(proc.p.pid, samples)), "evaluate started reading the samples"
+    time.sleep(0.5)
+    proc.send(signal.SIGTERM)
+    t0 = time.monotonic()
+    code, err = proc.wait(60)
+    assert time.monotonic() - t0 < 10
+    _stops_cleanly(code, err, "lightgen.evaluate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz", "samples.npz"], "no results, no partial file"

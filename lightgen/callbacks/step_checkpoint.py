@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -137,7 +140,10 @@ class StepCheckpoint(pl.Callback):
         if self.save_on_signal and self._stop_requested(trainer):
             if not skipping:
                 self._save(trainer, periodic=False)
-            raise signals.Terminated(signals.requested() or 15)
+            signum = signals.requested() or signal.SIGTERM
+            if signum == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero:
+                requeue_slurm_job(trainer)
+            raise signals.Terminated(signum)
         if skipping:
             return
         if self.every_n > 0 and step % self.every_n == 0:
@@ -172,6 +178,22 @@ class StepCheckpoint(pl.Callback):
         ):
             self._save(trainer, periodic=False)
         signals.set_deferred(False)
+
+
+def requeue_slurm_job(trainer: pl.Trainer) -> None:
+    """SLURM's warning signal (``--signal=USR1@90``) with ``trainer=slurm`` (auto-requeue): after ``last.ckpt`` is
+    written, put the job back in the queue, as Lightning's own handler does; the requeued job resumes from it."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+    if not (isinstance(env, SLURMEnvironment) and getattr(env, "auto_requeue", False) and job):
+        return
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    state = "requeued" if result.returncode == 0 else f"could not be requeued ({result.stderr.strip()})"
+    print(f"lightgen.train: SLURM job {job} {state}", file=sys.stderr, flush=True)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

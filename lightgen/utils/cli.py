@@ -53,11 +53,18 @@ def condense(text: str) -> str:
 
 def run(prog: str, hydra_main: Callable[[], object]) -> None:
     """``hydra_main()`` (a ``@hydra.main`` function) with composition errors as one line and exit status 2."""
+    from lightgen.utils import signals
+
     global _buffer, _stderr
     _stderr, _buffer = sys.stderr, io.StringIO()
     sys.stderr = _buffer
+    signals.install()  # a stop signal while Hydra composes: one line, exit 128 + signal, nothing written
     try:
         hydra_main()
+    except signals.Terminated as e:
+        task_started()
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
     except SystemExit as e:
         if _buffer is not None and e.code == 1:  # Hydra gave up before the task started
             text = _buffer.getvalue()
