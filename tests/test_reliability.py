@@ -400,3 +400,23 @@ def test_evaluate_stops_within_seconds_on_sigterm_and_writes_nothing(tmp_path):
     assert time.monotonic() - t0 < 10
     _stops_cleanly(code, err, "lightgen.evaluate")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz", "samples.npz"], "no results, no partial file"
+
+
+def test_sigterm_to_rank_0_of_a_ddp_run_stops_both_ranks_at_one_step_and_resumes_bit_exactly(tmp_path):
+    """What ``timeout`` or a scheduler does to ``trainer=ddp_cpu``: rank 0 passes the signal on, the ranks agree
+    at the end of the step, last.ckpt holds that step, and the resumed run equals an uninterrupted one."""
+    args = [*SMOKE, "callbacks.sample_grid=null", "trainer=ddp_cpu", "callbacks.checkpoint.every_n_train_steps=3"]
+    run = tmp_path / "run"
+    proc = Proc("train", *args, "trainer.max_steps=100000", f"hydra.run.dir={run}")
+    assert proc.until(lambda: (run / "checkpoints" / "step_0000003.ckpt").exists())
+    proc.send(signal.SIGTERM)
+    t0 = time.monotonic()
+    code, err = proc.wait(60)
+    assert time.monotonic() - t0 < 20
+    _stops_cleanly(code, err, "lightgen.train")
+    step = _ckpt_dir_ok(run)
+    assert step >= 3
+    end = [f"trainer.max_steps={step + 2}"]
+    run_cli("train", *args, *end, f"hydra.run.dir={run}")
+    run_cli("train", *args, *end, f"hydra.run.dir={tmp_path / 'straight'}")
+    _same_training_state(tmp_path / "straight" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
