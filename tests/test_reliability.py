@@ -269,7 +269,8 @@ def test_a_short_disk_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 # -- 5. signals ---------------------------------------------------------------------------------------------------
-def test_sigterm_mid_training_writes_last_ckpt_at_the_end_of_the_step_and_exits(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1-in-a-SLURM-job"])
+def test_sigterm_mid_training_writes_last_ckpt_at_the_end_of_the_step_and_exits(tmp_path, sig):
     run = tmp_path / "run"
     args = [
         *SMOKE,
@@ -277,13 +278,14 @@ def test_sigterm_mid_training_writes_last_ckpt_at_the_end_of_the_step_and_exits(
         "trainer.max_steps=100000",
         "callbacks.checkpoint.every_n_train_steps=3",
     ]
-    proc = Proc("train", *args, f"hydra.run.dir={run}")
+    env = {"SLURM_JOB_ID": "4242"} if sig == signal.SIGUSR1 else None  # SLURM's warning signal (--signal=USR1@90)
+    proc = Proc("train", *args, f"hydra.run.dir={run}", env=env)
     assert proc.until(lambda: (run / "checkpoints" / "step_0000003.ckpt").exists())
-    proc.send(signal.SIGTERM)
+    proc.send(sig)
     t0 = time.monotonic()
     code, err = proc.wait(60)
     assert time.monotonic() - t0 < 20
-    _stops_cleanly(code, err, "lightgen.train")
+    _stops_cleanly(code, err, "lightgen.train", sig)
     assert f"{run / 'checkpoints' / 'last.ckpt'} is kept" in err
     step = _ckpt_dir_ok(run)
     assert step >= 3 and (run / "checkpoints" / f"step_{step - step % 3:07d}.ckpt").exists()
@@ -420,3 +422,46 @@ def test_sigterm_to_rank_0_of_a_ddp_run_stops_both_ranks_at_one_step_and_resumes
     run_cli("train", *args, *end, f"hydra.run.dir={run}")
     run_cli("train", *args, *end, f"hydra.run.dir={tmp_path / 'straight'}")
     _same_training_state(tmp_path / "straight" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
+def test_a_full_disk_during_extraction_keeps_the_finished_shards_and_names_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from conftest import compose
+
+    from lightgen.extract import extract
+    from lightgen.utils.errors import work_errors
+
+    out = tmp_path / "lat"
+    cfg = compose(
+        ["data=synthetic", "first_stage=identity", f"out={out}", "shard_size=64", "progress=false"], "extract"
+    )
+    real, calls = np.lib.format.write_array, [0]
+
+    def full_after_two_shards(f, array, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 4:  # latents + labels of two shards, then the disk is full half-way through a write
+            f.write(b"\x93NUMPY partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(f, array, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "write_array", full_after_two_shards)
+    with pytest.raises(SystemExit) as stop, work_errors("lightgen.extract"):
+        extract(cfg)
+    assert stop.value.code == 1
+    line = capsys.readouterr().err.strip()
+    assert (
+        line.startswith("lightgen.extract: error: writing ") and "latents_r00_00002.npy failed: No space left" in line
+    )
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".npy"}
+    assert sorted(kept) == [
+        "labels_r00_00000.npy",
+        "labels_r00_00001.npy",
+        "latents_r00_00000.npy",
+        "latents_r00_00001.npy",
+    ]
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(np.lib.format, "write_array", real)
+    extract(cfg)  # the disk has space again: the same command finishes, the two shards kept as they were
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in kept} == kept
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 256
