@@ -50,8 +50,19 @@ ROWS = [
         [*RUN, "init_from={ws}/run/checkpoints/last.ckpt", "ckpt_path={ws}/run/checkpoints/last.ckpt"],
         "pass only one",
     ),
-    # -- lightgen.train: data of another first stage ----------------------------------------------------------
+    # -- lightgen.train: missing weights, data of another first stage ----------------------------------------------------------
     ("train", [*RUN, "data=latents", "data.path={ws}/latents", "first_stage=small_kl"], "first stage"),
+    (
+        "train",
+        [
+            *RUN,
+            "first_stage=sd_vae_ft_ema",
+            "data.channels=3",
+            "data.image_size=256",
+            "first_stage.path_or_id={ws}/no_vae",
+        ],
+        "no AutoencoderKL weights at {ws}/no_vae",
+    ),
     # -- lightgen.sample --------------------------------------------------------------------------------------
     ("sample", ["ckpt={ws}/missing.ckpt", "out={ws}/s1"], "missing.ckpt does not exist"),
     ("sample", ["ckpt={ws}/text.ckpt", "out={ws}/s1"], "text.ckpt"),
@@ -71,7 +82,11 @@ ROWS = [
         ["ckpt={ws}/run/checkpoints/last.ckpt", "cfg_scale=strong", "out={ws}/s1"],
         "cfg_scale='strong' must be a number",
     ),
-    ("sample", ["ckpt={ws}/run/checkpoints/last.ckpt", "first_stage=sd_vae_ft_ema", "out={ws}/s1"], "first_stage"),
+    (
+        "sample",
+        ["ckpt={ws}/run/checkpoints/last.ckpt", "first_stage=sd_vae_ft_ema", "out={ws}/s1"],
+        "first_stage=sd_vae_ft_ema applies to released weights only",
+    ),
     # -- lightgen.evaluate ------------------------------------------------------------------------------------
     ("evaluate", ["samples={ws}/missing.npz", "ref={ws}/ref32.npz"], "missing.npz"),
     ("evaluate", ["samples={ws}/samples32.npz", "ref={ws}/nope.npz"], "ref={ws}/nope.npz does not exist"),

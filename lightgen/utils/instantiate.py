@@ -48,6 +48,7 @@ def quiet_known_warnings() -> None:
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*does not have many workers.*",  # in-memory datasets need none
         r".*predict returned None.*",  # lightgen.sample writes its batches to disk
+        r".*local_dir_use_symlinks.*",  # diffusers passes a deprecated huggingface_hub argument
     ):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
