@@ -80,6 +80,17 @@ def fake_fashion_mnist(tmp_path: Path) -> Path:
 SMOKE = ["experiment=smoke", "logger=csv"]
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (relative path -> digest): "nothing there was changed" in one ``==``."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 def wandb_records(path: Path):
     """Every record of an offline W&B run's ``.wandb`` file (LevelDB-log framing of protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb

@@ -8,13 +8,12 @@ its rows here.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, run_cli
+from conftest import SMOKE, run_cli, tree_digest
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -50,7 +49,7 @@ ROWS = [
         [*RUN, "init_from={ws}/run/checkpoints/last.ckpt", "ckpt_path={ws}/run/checkpoints/last.ckpt"],
         "pass only one",
     ),
-    # -- lightgen.train: missing weights, data of another first stage ----------------------------------------------------------
+    # -- lightgen.train: missing weights, data of another first stage -------------------------------------------
     ("train", [*RUN, "data=latents", "data.path={ws}/latents", "first_stage=small_kl"], "first stage"),
     (
         "train",
@@ -129,14 +128,6 @@ ROWS = [
 ]
 
 
-def _digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("ws")
@@ -163,7 +154,7 @@ def test_the_table_has_at_least_30_rows_across_the_four_entry_points():
 @pytest.mark.parametrize("entry, args, phrase", ROWS, ids=[f"{e}:{' '.join(a[-1:])}" for e, a, _ in ROWS])
 def test_bad_input_gets_one_sentence_exit_2_and_touches_nothing(workspace, tmp_path, entry, args, phrase):
     ws = str(workspace)
-    before = _digest(workspace)
+    before = tree_digest(workspace)
     hydra_dir = [] if entry == "train" else [f"hydra.run.dir={tmp_path}"]  # (train rows: the existing run)
     proc = run_cli(entry, *(a.format(ws=ws) for a in args), *hydra_dir, check=False)
     err = proc.stderr.strip()
@@ -171,4 +162,4 @@ def test_bad_input_gets_one_sentence_exit_2_and_touches_nothing(workspace, tmp_p
     assert "Traceback" not in err + proc.stdout, err[-3000:]
     assert len(err.splitlines()) <= 3, err[-3000:]
     assert phrase.format(ws=ws) in err, err[-3000:]
-    assert _digest(workspace) == before, "bad input must not change any file that was there"
+    assert tree_digest(workspace) == before, "bad input must not change any file that was there"

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, run_cli
+from conftest import SMOKE, run_cli, tree_digest
 
 pytestmark = pytest.mark.slow
 
 
 def _ckpt(run: Path, name="last.ckpt") -> dict:
     return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=False)
-
-
-def _digest(run: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -232,13 +223,13 @@ def test_sample_cli_writes_grid_and_adm_npz(smoke_run, tmp_path):
 
 
 def _fails_cleanly(args, phrase, run: Path | None = None):
-    before = _digest(run) if run else None
+    before = tree_digest(run) if run else None
     proc = run_cli("train", *args, check=False)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
     assert any(phrase in line for line in err), proc.stderr[-2000:]
     if run is not None:
-        assert _digest(run) == before, "a failed start must not touch an existing run"
+        assert tree_digest(run) == before, "a failed start must not touch an existing run"
     return proc
 
 
