@@ -36,6 +36,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -119,8 +120,10 @@ class RelativePositionBias(nn.Module):
 class MDTAttention(nn.Module):
     """Multi-head self-attention with a relative position bias (official MDT ``Attention``).
 
-    ``qkv = Linear(D, 3D, bias=True)``, scale ``head_dim ** -0.5``, logits ``+ bias``, an explicit
-    softmax, ``proj = Linear(D, D)``. With ``ids_keep`` (masked pass) the bias is gathered for the
+    ``qkv = Linear(D, 3D, bias=True)``, scale ``head_dim ** -0.5``, logits ``+ bias``, softmax,
+    ``proj = Linear(D, D)``; computed by ``F.scaled_dot_product_attention`` with the bias as ``attn_mask``
+    (the official explicit softmax to float rounding, in one fused kernel). With ``ids_keep`` (masked pass)
+    the bias is gathered for the
     kept tokens of each sample. Attention and projection dropout are 0 in MDT and omitted.
     """
 
@@ -137,11 +140,10 @@ class MDTAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
-        attn = (q @ k.transpose(-2, -1)) * self.scale
         bias = self.rel_pos_bias() if ids_keep is None else self.rel_pos_bias.masked(ids_keep)
-        attn = (attn + bias).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(b, n, c)
-        return self.proj(x)
+        # softmax(q k^T * scale + bias) v as one fused kernel; the bias is an additive float mask
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class MDTBlock(nn.Module):
