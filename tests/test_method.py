@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 
@@ -239,3 +240,38 @@ def test_no_readable_checkpoint_stops_with_one_sentence_instead_of_a_fresh_start
     _fake_ckpt(ckpts / "step_0000004.ckpt", 4).write_bytes(b"\x00" * 10)
     with pytest.raises(LightgenConfigError, match=r"no checkpoint in .* can be read \(last.ckpt: it is empty; "):
         find_resume_checkpoint(tmp_path)
+
+
+def _compiler_available() -> bool:
+    import shutil
+
+    return hasattr(torch, "compile") and shutil.which("g++") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _compiler_available(), reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_training_matches_eager_losses_and_keeps_the_checkpoint_layout(tmp_path):
+    from conftest import SMOKE, run_cli
+
+    common = [
+        *SMOKE,
+        "callbacks.sample_grid=null",
+        "trainer.max_steps=20",
+        "callbacks.checkpoint.every_n_train_steps=20",
+    ]
+    run_cli("train", *common, f"hydra.run.dir={tmp_path / 'eager'}")
+    run_cli("train", *common, "method.compile=true", f"hydra.run.dir={tmp_path / 'compiled'}")
+
+    def losses(run):
+        rows = list(csv.DictReader(open(run / "metrics.csv")))
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(eager) == sorted(compiled) == list(range(20))
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step
+    a, b = (
+        torch.load(r / "checkpoints" / "last.ckpt", weights_only=False)
+        for r in (tmp_path / "eager", tmp_path / "compiled")
+    )
+    assert list(a["state_dict"]) == list(b["state_dict"]), "compiling in place keeps the state-dict keys"

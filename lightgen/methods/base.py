@@ -13,6 +13,7 @@ from lightgen.methods.ema import make_ema, update_ema
 from lightgen.utils.rng import get_rng_state, seed_all, set_rng_state
 
 CHECKPOINT_KEY = "lightgen"
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FORMAT_VERSION = 1
 
 
@@ -123,6 +124,9 @@ class GenerativeModule(LightgenModule):
         ema_every: update the EMA after every ``ema_every``-th optimiser step (1: every step, as DiT,
             MDT, DiffiT and MaskGIT; official VQ-Diffusion: decay 0.99 every 25 steps).
         seed: global seed; rank ``r`` of ``W`` draws noise from ``seed * W + r``.
+        compile: ``torch.compile`` the net and its EMA copy (training and sampling) with ``compile_mode`` /
+            ``compile_backend``; in place (``nn.Module.compile``), so state-dict keys, checkpoints, EMA updates
+            and the official-weights loaders are unchanged. The first steps are slow while it compiles.
         config: the resolved run config, stored in every checkpoint so ``lightgen.sample``
             can rebuild the run (set by the builder after construction).
     """
@@ -137,8 +141,18 @@ class GenerativeModule(LightgenModule):
         ema_every: int = 1,
         seed: int = 0,
         config: dict | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
+        if not isinstance(compile, bool):
+            raise ValueError(f"method.compile={compile!r} must be true or false.")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"method.compile_mode={compile_mode!r} is not a torch.compile mode; use one of "
+                f"{', '.join(str(m) for m in COMPILE_MODES)}."
+            )
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"method.ema_decay={ema_decay} must be in [0, 1); DiT uses 0.9999.")
         if isinstance(ema_every, bool) or not isinstance(ema_every, int) or ema_every < 1:
@@ -155,6 +169,18 @@ class GenerativeModule(LightgenModule):
         self.ema_every = ema_every
         self.seed = seed
         self.config = config
+        self.compile_options = dict(mode=compile_mode, backend=compile_backend) if compile else None
+        self._compiled = False
+
+    def setup(self, stage: str) -> None:
+        if self.compile_options is not None and not self._compiled:
+            if self.compile_options["backend"] == "inductor":  # random ops in the net (DiT's label dropout) draw
+                import torch._inductor.config  # from torch's RNG as in eager mode: same stream, exact resume
+
+                torch._inductor.config.fallback_random = True
+            self.net.compile(**self.compile_options)
+            self.ema.compile(**self.compile_options)
+            self._compiled = True
 
     # -- data -----------------------------------------------------------------------------
     def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
