@@ -86,18 +86,23 @@ def summarize(rows: list[dict], out: Path, logx: bool = False) -> None:
     head = f"| {key} | other settings | FID-1k | sFID | precision | recall |" + (" sampling s |" if timed else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     curves = {}
+    # settings every row shares go into the plot's title; each curve is labelled by what differs
+    shared = {k: v for k, v in rows[0]["set"].items() if all(r["set"].get(k) == v for r in rows)}
     for r in rows:
         other = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "the run's"
         scores = f"{r['fid1k']:.2f} | {r['sfid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f}"
         if timed:
             scores += f" | {r['sample_seconds']:.0f}" if "sample_seconds" in r else " | –"
+            scores += f" ({r['note']})" if r.get("note") else ""
         lines.append(f"| {r['value']} | {other} | {scores} |")
-        xs, ys = curves.setdefault(other, ([], []))
+        label = ", ".join(f"{k}={v}" for k, v in r["set"].items() if k not in shared) or other
+        xs, ys = curves.setdefault(label, ([], []))
         xs.append(float(r["value"]))
         ys.append(r["fid1k"])
     (out / "results.md").write_text("\n".join(lines) + "\n")
     ordered = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in curves.items()}
-    plot_curves(ordered, out / "fid.png", title=out.name, ylabel="FID-1k (lower is better)", xlabel=key, logx=logx)
+    title = out.name + (f" ({', '.join(f'{k}={v}' for k, v in shared.items())})" if shared and len(curves) > 1 else "")
+    plot_curves(ordered, out / "fid.png", title=title, ylabel="FID-1k (lower is better)", xlabel=key, logx=logx)
     print("\n".join(lines))
 
 
