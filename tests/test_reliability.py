@@ -111,7 +111,7 @@ def test_sigkill_at_random_moments_and_mid_write_then_rerun_ends_with_the_uninte
         ("random", lambda: (ckpts / "step_0000003.ckpt").exists()),  # then 0-0.6 s later
         ("mid-write", lambda: any(ckpts.glob("*.tmp"))),  # (stale ones are removed at start, before any write)
     ]
-    kills, steps_seen = 0, []
+    kills = 0
     for name, condition in moments:
         proc = Proc("train", *args, f"hydra.run.dir={killed}")
         if proc.until(condition):
@@ -120,9 +120,8 @@ def test_sigkill_at_random_moments_and_mid_write_then_rerun_ends_with_the_uninte
             proc.send(signal.SIGKILL)
             kills += 1
         proc.wait()
-        steps_seen.append(_ckpt_dir_ok(killed))  # every file that is there loads: nothing corrupted
+        _ckpt_dir_ok(killed)  # every checkpoint that is there loads: nothing corrupted
     assert kills == 3, "each kill landed before the run could finish"
-    assert steps_seen[0] is None or steps_seen[0] >= 0
     run_cli("train", *args, f"hydra.run.dir={killed}", env=PROBES_ENV)
     _same_training_state(straight / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
     assert not list(ckpts.glob("*.tmp")), "half-written files of killed writes are cleaned up on resume"
