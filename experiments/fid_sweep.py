@@ -9,7 +9,8 @@ statistics. Rows accumulate in ``<out>/results.json`` keyed by their settings, s
 ``--set`` values (e.g. ``posterior=exact``) adds a second curve; ``results.md`` and ``fid.png`` (one curve per
 distinct ``--set``) are rewritten from all rows. Samples go to ``runs/fid_sweep/<out name>/<settings>``;
 a re-run samples and evaluates only what is missing. The wall time of each ``lightgen.sample`` call (start-up
-included, Inception excluded) is kept in ``<samples>/timing.json`` and reported as "sampling s". ``--logx`` draws
+included, Inception excluded) and its CPU time (user + system, which another job on the same core does not
+inflate) are kept in ``<samples>/timing.json`` and reported as "sampling s" and "CPU s". ``--logx`` draws
 the varied setting on a log axis (step counts). ``python experiments/fid_sweep.py --replot <out> [--logx]``
 redraws ``results.md`` and ``fid.png`` from ``results.json`` alone.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -30,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(entry: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", f"lightgen.{entry}", *args], cwd=ROOT, check=True)
+
+
+def child_cpu_seconds() -> float:
+    """User + system CPU time of every finished child so far (the difference around one ``run`` is that call's)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def slug(settings: dict) -> str:
@@ -55,7 +63,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    rows = json.loads(results.read_text()) if results.is_file() else []
     for value in values:
         settings = {**fixed, key: value}
         samples = ROOT / "runs" / "fid_sweep" / out.name / slug(settings)
@@ -63,19 +70,22 @@ def main() -> None:
         if not metrics.is_file():
             overrides = [f"{k}={v}" for k, v in settings.items()]
             if not (samples / "samples.npz").is_file():
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), child_cpu_seconds()
                 run("sample", f"ckpt={args.ckpt}", f"num_samples={args.num_samples}", "batch_size=100", *overrides,
                     f"out={samples}")  # fmt: skip
-                timing.write_text(json.dumps({"sample_seconds": time.perf_counter() - start}))
+                wall, cpu = time.perf_counter() - start, child_cpu_seconds() - cpu
+                timing.write_text(json.dumps({"sample_seconds": wall, "cpu_seconds": cpu}))
             run("evaluate", f"samples={samples}", f"ref={args.ref}", "fd_method=eigh", "kid=false", f"out={metrics}")
         m = json.loads(metrics.read_text())["metrics"]
         info = json.loads((samples / "sample_info.json").read_text())
         row = {"vary": key, "value": value, "set": fixed, "fid1k": m["fid"], "sfid": m["sfid"],
                "precision": m["precision"], "recall": m["recall"], "sample_info": info}  # fmt: skip
         if timing.is_file():
-            row["sample_seconds"] = json.loads(timing.read_text())["sample_seconds"]
+            row.update(json.loads(timing.read_text()))
+        # re-read before each write: another sweep into the same study (one per core) may have added rows
+        rows = json.loads(results.read_text()) if results.is_file() else []
         rows = [r for r in rows if not (r["value"] == value and r["set"] == fixed and r["vary"] == key)] + [row]
-    results.write_text(json.dumps(rows, indent=2))
+        results.write_text(json.dumps(rows, indent=2))
     summarize(rows, out, logx=args.logx)
 
 
@@ -83,7 +93,9 @@ def summarize(rows: list[dict], out: Path, logx: bool = False) -> None:
     """``results.md`` (a row per setting) and ``fid.png`` (a curve per distinct ``--set``) from all rows."""
     key = rows[0]["vary"]
     timed = any("sample_seconds" in r for r in rows)
+    cpu = any("cpu_seconds" in r for r in rows)
     head = f"| {key} | other settings | FID-1k | sFID | precision | recall |" + (" sampling s |" if timed else "")
+    head += " CPU s |" if cpu else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     curves = {}
     # settings every row shares go into the plot's title; each curve is labelled by what differs
@@ -94,6 +106,8 @@ def summarize(rows: list[dict], out: Path, logx: bool = False) -> None:
         if timed:
             scores += f" | {r['sample_seconds']:.0f}" if "sample_seconds" in r else " | –"
             scores += f" ({r['note']})" if r.get("note") else ""
+        if cpu:
+            scores += f" | {r['cpu_seconds']:.0f}" if "cpu_seconds" in r else " | –"
         lines.append(f"| {r['value']} | {other} | {scores} |")
         label = ", ".join(f"{k}={v}" for k, v in r["set"].items() if k not in shared) or other
         xs, ys = curves.setdefault(label, ([], []))
