@@ -17,6 +17,7 @@ from lightgen.methods.lr_schedules import warmup_cosine
 from lightgen.nets.dit import DiT
 from lightgen.utils.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 from lightgen.utils.errors import LightgenConfigError
+from lightgen.utils.grads import grad_norm
 
 
 def tiny_net(**kw):
@@ -157,6 +158,18 @@ def test_process_owns_the_training_draws():
     ref = m.process.diffusion.training_losses(m.net, x0, t, model_kwargs={"y": y})
     assert torch.equal(loss, ref["loss"].mean()) and set(terms) == {"loss", "mse", "vb"}
     assert torch.equal(terms["mse"], ref["mse"].mean())
+
+
+def test_grad_norm_is_the_global_l2_norm_in_one_fused_pass():
+    net = tiny_net()
+    net(torch.randn(3, 1, 16, 16), torch.rand(3) * 999, torch.tensor([0, 1, 2])).square().mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    expected = torch.sqrt(sum(g.double().square().sum() for g in grads)).float()
+    torch.testing.assert_close(grad_norm(net.parameters()), expected, rtol=1e-5, atol=0)
+    half = [torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))]
+    half[0].grad = torch.full((4,), 3.0, dtype=torch.bfloat16)
+    assert grad_norm(half).dtype == torch.float32 and grad_norm(half).item() == 6.0
+    assert grad_norm([torch.nn.Parameter(torch.ones(2))]) is None
 
 
 def test_bad_ema_decay_is_refused():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightgen.methods.ema import make_ema, update_ema
+from lightgen.utils.grads import grad_norm
 from lightgen.utils.rng import get_rng_state, seed_all, set_rng_state
 
 CHECKPOINT_KEY = "lightgen"
@@ -198,7 +199,9 @@ class GenerativeModule(LightgenModule):
             update_ema(self.ema, self.net, self.ema_decay)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        # the non-finite guard (a callback, called first) has computed this step's norm already
+        step, norm = getattr(self, "step_grad_norm", (None, None))
+        if step != self.global_step or self.step_skipped:
+            norm = grad_norm(self.net.parameters())
+        if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, sync_dist=False)
