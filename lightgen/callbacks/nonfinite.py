@@ -53,7 +53,8 @@ class NonFiniteGuard(pl.Callback):
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad.to(trainer.strategy.root_device), reduce_op="max")
         self._loss_finite = True
-        skipped = bool(bad.item() > 0) or not math.isfinite(float(norm))
+        bad_loss, norm_value = torch.stack([bad.reshape(()).to(norm), norm.float()]).tolist()  # one host sync
+        skipped = bad_loss > 0 or not math.isfinite(norm_value)
         pl_module.step_skipped = skipped
         if skipped:
             for p in params:
