@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightgen.callbacks.nonfinite import NonFiniteTraining
 from lightgen.compose import build_method, check_composition, init_from
-from lightgen.utils import cli, ddp_launch, signals
+from lightgen.utils import cli, ddp_launch, launch, signals
 from lightgen.utils.checkpoints import check_checkpoint_matches, find_resume_checkpoint, load_checkpoint
 from lightgen.utils.errors import LightgenConfigError, first_line, work_errors
 from lightgen.utils.instantiate import instantiate_dict, quiet_known_warnings, root_cause, startup_errors
@@ -98,6 +99,7 @@ def write_run_files(cfg: DictConfig, out: Path) -> None:
 
 def train(cfg: DictConfig) -> dict:
     ddp_launch.install("lightgen.train")  # DDP children of a -m sweep job rerun that job, not the sweep
+    launch.configure_threads()  # srun / torchrun processes: their share of the node's cores
     quiet_known_warnings()
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+/Hopper, as DiT's train.py
     with startup_errors("lightgen.train"):
@@ -122,8 +124,13 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _kept(out: Path) -> str:
+    from lightgen.callbacks.step_checkpoint import periodic_checkpoints
+
     last = out / "checkpoints" / "last.ckpt"
-    return f"{last} is kept; re-run the same command to resume" if last.is_file() else "no checkpoint was written yet"
+    if not last.is_file():  # e.g. a peer lost between a periodic file and its last.ckpt link
+        found = periodic_checkpoints(out / "checkpoints")
+        last = found[-1][1] if found else None
+    return f"{last} is kept; re-run the same command to resume" if last else "no checkpoint was written yet"
 
 
 @contextlib.contextmanager
@@ -136,6 +143,36 @@ def run_errors(prog: str, out: Path):
         except NonFiniteTraining as e:
             print(f"{prog}: error: {e}; {_kept(out)}.", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
+        except RuntimeError as e:
+            if not collective_failure(e):
+                raise
+            print(
+                f"{prog}: error: lost contact with another process of the run ({peer_error(e)}), e.g. a node that "
+                f"died or hung past trainer.strategy.timeout; {_kept(out)} on every node",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1) from None
+
+
+def peer_error(e: BaseException) -> str:
+    """gloo's / NCCL's first line without its source location and advice: ``Read error [host]:port: Connection
+    reset by peer``."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e))
+    return text.split(". ")[0].rstrip(".")
+
+
+def collective_failure(e: BaseException) -> bool:
+    """A collective (all-reduce, barrier, broadcast) failed because a peer process is gone or did not answer."""
+    import traceback
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    return any(
+        "torch/distributed" in frame.filename.replace("\\", "/") for frame in traceback.extract_tb(e.__traceback__)
+    )
 
 
 def _finish_wandb(exit_code: int = 0) -> None:
@@ -191,4 +228,4 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    cli.run("lightgen.train", main)
+    cli.run("lightgen.train", main, before=launch.check_run_id)

@@ -10,93 +10,23 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMOKE, run_cli
+from conftest import SMOKE, run_cli
 from lightgen_test_probes import PROBES_ENV
+from subprocs import Proc
+from subprocs import ckpt_dir_ok as _ckpt_dir_ok
+from subprocs import same_training_state as _same_training_state
+from subprocs import stops_cleanly as _stops_cleanly
 
 pytestmark = pytest.mark.slow
 
 SLOW_DISK = "trainer.plugins.0._target_=lightgen_test_probes.SlowDiskCheckpointIO"
 TRAIN = [*SMOKE, "callbacks.sample_grid=null", "callbacks.checkpoint.every_n_train_steps=1", SLOW_DISK]
-
-
-class Proc:
-    """A ``python -m lightgen.<entry>`` subprocess whose stderr is collected by a thread while it runs."""
-
-    def __init__(self, entry: str, *args: str, env: dict | None = None):
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **PROBES_ENV, **(env or {})}
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", f"lightgen.{entry}", *args],
-            cwd=ROOT,
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.err: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.err.extend(self.p.stderr), daemon=True)
-        self._reader.start()
-
-    def until(self, condition, timeout: float = 120.0) -> bool:
-        """Wait until ``condition()`` holds (True) or the process ended (False)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return True
-            if self.p.poll() is not None:
-                return False
-            time.sleep(0.005)
-        raise AssertionError(f"condition not reached in {timeout} s; stderr: {''.join(self.err)[-2000:]}")
-
-    def send(self, sig: int) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-
-    def wait(self, timeout: float = 120.0) -> tuple[int, str]:
-        code = self.p.wait(timeout)
-        self._reader.join(10)
-        return code, "".join(self.err)
-
-
-def _stops_cleanly(code: int, err: str, prog: str, sig=signal.SIGTERM) -> None:
-    assert code == 128 + sig, (code, err[-3000:])
-    lines = [line for line in err.splitlines() if line.startswith(prog)]
-    assert lines and f"stopped by {signal.Signals(sig).name}" in lines[-1], err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-
-
-def _weights(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return {"step": ckpt["global_step"], **ckpt["state_dict"], "adam": ckpt["optimizer_states"][0]["state"]}
-
-
-def _same_training_state(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa["step"] == wb["step"]
-    for k in wa:
-        if k not in ("step", "adam"):
-            assert torch.equal(wa[k], wb[k]), k
-    for i, state in wa["adam"].items():
-        for name, value in state.items():
-            assert torch.equal(value, wb["adam"][i][name]), (i, name)
-
-
-def _ckpt_dir_ok(run: Path) -> int | None:
-    """Every checkpoint present loads; returns last.ckpt's step (None without one)."""
-    step = None
-    for path in sorted((run / "checkpoints").glob("*.ckpt")):
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if path.name == "last.ckpt":
-            step = ckpt["global_step"]
-    return step
 
 
 # -- 1. SIGKILL at any moment, also mid-write ------------------------------------------------------------------

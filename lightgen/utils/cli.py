@@ -51,9 +51,21 @@ def condense(text: str) -> str:
     return sentence
 
 
-def run(prog: str, hydra_main: Callable[[], object]) -> None:
-    """``hydra_main()`` (a ``@hydra.main`` function) with composition errors as one line and exit status 2."""
+def run(prog: str, hydra_main: Callable[[], object], before: Callable[[list[str]], None] | None = None) -> None:
+    """``hydra_main()`` (a ``@hydra.main`` function) with composition errors as one line and exit status 2.
+
+    ``before(overrides)`` checks the command line before Hydra creates anything (a run directory); a
+    :class:`~lightgen.utils.errors.LightgenConfigError` from it is one line and exit status 2.
+    """
     from lightgen.utils import signals
+    from lightgen.utils.errors import LightgenConfigError
+
+    if before is not None:
+        try:
+            before([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")])
+        except LightgenConfigError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     global _buffer, _stderr
     _stderr, _buffer = sys.stderr, io.StringIO()
