@@ -179,6 +179,24 @@ def test_two_processes_train_the_same_weights_as_one_with_the_same_global_batch(
             assert lb[step] == pytest.approx(la[step], rel=1e-5), (key, step)
 
 
+@pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
+def test_two_nodes_train_the_same_weights_as_one_process_with_the_same_global_batch(
+    one_and_two_processes, tmp_path, launcher
+):
+    """The same comparison with two "nodes" of one process each, started as a SLURM job's srun (simulated) or
+    torchrun --nnodes 2 would start them (tests/subprocs.py): the cluster path trains what one process trains."""
+    from subprocs import start_nodes
+
+    one, _ = one_and_two_processes
+    for p in start_nodes(launcher, PROBE, tmp_path, "101"):  # SLURM job ids are numbers
+        code, err = p.wait(300)
+        assert code == 0, err[-3000:]
+    a, b = _ckpt(one), _ckpt(tmp_path / "runs" / "train" / "101")
+    assert a["global_step"] == b["global_step"] == 4 and len(b["lightgen"]["rng_states"]) == 2
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_logged_losses_are_the_mean_over_ranks(one_and_two_processes):
     """metrics.csv of a 2-process run holds, each step, the mean of the two ranks' batch losses
     (recorded by the probe process on each rank), not rank 0's own."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -41,3 +43,84 @@ def test_plot_curves_logx_spaces_decades_evenly(tmp_path):
     assert ((log == blue).all(-1) == (lin == blue).all(-1)).all()  # the same curve; only tick labels differ
     with pytest.raises(ValueError, match="positive"):
         plot_curves({"a": ([0, 1], [1.0, 2.0])}, tmp_path / "z.png", logx=True)
+
+
+LAUNCH_VARS = (
+    "LIGHTGEN_RUN_ID",
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "TORCHELASTIC_RUN_ID",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_NTASKS_PER_NODE",
+    "OMP_NUM_THREADS",
+)
+
+
+@pytest.fixture
+def bare_env(monkeypatch):
+    for key in LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    yield monkeypatch
+    torch.set_num_threads(threads)
+
+
+def test_the_run_id_is_the_launchers_job_id_in_order_of_precedence(bare_env):
+    from lightgen.utils import launch
+
+    stamp = launch.run_id()
+    assert stamp == launch.run_id(), "one timestamp per process"
+    bare_env.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --rdzv-id: no shared id
+    assert launch.run_id() == stamp
+    bare_env.setenv("TORCHELASTIC_RUN_ID", "exp7")
+    assert launch.run_id() == "exp7"
+    bare_env.setenv("SLURM_JOB_ID", "1234")
+    assert launch.run_id() == "1234"
+    bare_env.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    bare_env.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert launch.run_id() == "1200_3", "an array task keeps its id across requeues; SLURM_JOB_ID is per task"
+    bare_env.setenv("LIGHTGEN_RUN_ID", "mine")
+    assert launch.run_id() == "mine"
+
+
+def test_a_multi_process_torchrun_run_without_a_shared_id_is_refused_before_anything_is_written(bare_env, tmp_path):
+    from conftest import run_cli
+
+    from lightgen.utils import launch
+    from lightgen.utils.errors import LightgenConfigError
+
+    bare_env.setenv("TORCHELASTIC_RUN_ID", "none")
+    bare_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LightgenConfigError, match="--rdzv-id"):
+        launch.check_run_id(["experiment=smoke"])
+    launch.check_run_id(["paths.run_id=exp7"])  # given: fine
+    launch.check_run_id(["hydra.run.dir=/somewhere"])
+    env = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "LIGHTGEN_ROOT": str(tmp_path)}
+    proc = run_cli("train", "experiment=smoke", check=False, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "torchrun --rdzv-id=<name>" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [], "no run directory was created"
+
+
+def test_threads_per_process_follow_the_launcher_unless_omp_num_threads_is_set(bare_env):
+    from lightgen.utils import launch
+
+    assert launch.configure_threads() is None, "not started by a launcher: torch's default"
+    bare_env.setenv("SLURM_PROCID", "0")
+    bare_env.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert launch.configure_threads() == 3 == torch.get_num_threads()
+    bare_env.delenv("SLURM_CPUS_PER_TASK")
+    bare_env.delenv("OMP_NUM_THREADS")
+    bare_env.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    cores = len(os.sched_getaffinity(0))
+    assert launch.configure_threads() == max(1, cores // 8)
+    bare_env.delenv("SLURM_PROCID")
+    bare_env.delenv("OMP_NUM_THREADS")
+    bare_env.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun, one process on this node
+    assert launch.configure_threads() == cores and os.environ["OMP_NUM_THREADS"] == str(cores)
+    bare_env.setenv("OMP_NUM_THREADS", "1")
+    assert launch.configure_threads() is None, "the user's OMP_NUM_THREADS wins"
