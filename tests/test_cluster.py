@@ -46,22 +46,32 @@ def wait_for_step_5(procs, root: Path, job: str) -> None:
     assert procs[0].until(ckpt.exists, timeout=240), procs[0].wait(60)[1][-3000:]
 
 
+SUBMITIT = {"SUBMITIT_EXECUTOR": "slurm"}  # what a job started by hydra/launcher=slurm (submitit) has
+
+
 @pytest.mark.parametrize(
-    "launcher, sig",
-    [("slurm", signal.SIGUSR1), ("slurm", signal.SIGTERM), ("torchrun", signal.SIGTERM)],
-    ids=["slurm-SIGUSR1-requeue", "slurm-SIGTERM", "torchrun-SIGTERM"],
+    "launcher, sig, env",
+    [
+        ("slurm", signal.SIGUSR1, {}),
+        ("slurm", signal.SIGUSR2, SUBMITIT),
+        ("slurm", signal.SIGTERM, {}),
+        ("torchrun", signal.SIGTERM, {}),
+    ],
+    ids=["slurm-SIGUSR1-requeue", "submitit-SIGUSR2-requeue", "slurm-SIGTERM", "torchrun-SIGTERM"],
 )
 def test_a_stop_signal_to_every_node_saves_that_step_once_and_the_rerun_ends_bit_identical(
-    uninterrupted, tmp_path, launcher, sig
+    uninterrupted, tmp_path, launcher, sig, env
 ):
     """What ``sbatch --signal=USR1@90 --requeue`` (SIGUSR1), ``scancel`` / a time limit / pre-emption (SIGTERM)
-    do: the signal reaches every process of every node (for torchrun: the agent and its worker, one process
-    group). The ranks agree at the end of the step, rank 0 writes last.ckpt, SLURM's requeue is asked once (only
-    for SIGUSR1), every process exits within seconds, and re-running the same command -- the requeued job, or
-    torchrun again with the same --rdzv-id -- resumes in the same run directory and ends as the uninterrupted run.
+    do, and submitit's SIGUSR2 in a job of a ``hydra/launcher=slurm`` sweep (lightgen takes it over from
+    submitit: one owner of the requeue): the signal reaches every process of every node (for torchrun: the agent
+    and its worker, one process group). The ranks agree at the end of the step, rank 0 writes last.ckpt, SLURM's
+    requeue is asked once (not for SIGTERM), every process exits within seconds, and re-running the same command
+    -- the requeued job, or torchrun again with the same --rdzv-id -- resumes in the same run directory and ends
+    as the uninterrupted run.
     """
     root, job = tmp_path / "shared", "4242"
-    procs = start_nodes(launcher, [*ARGS, "trainer.max_steps=100000"], root, job)
+    procs = start_nodes(launcher, [*ARGS, "trainer.max_steps=100000"], root, job, env=env)
     wait_for_step_5(procs, root, job)
     for p in procs:
         p.send_group(sig)
@@ -77,9 +87,9 @@ def test_a_stop_signal_to_every_node_saves_that_step_once_and_the_rerun_ends_bit
     step = ckpt_dir_ok(run_dir(root, job))
     assert step is not None and 5 <= step < END, step
     requeues = (root / "scontrol.log").read_text().splitlines() if (root / "scontrol.log").exists() else []
-    assert requeues == (["requeue 4242"] if sig == signal.SIGUSR1 else []), requeues
+    assert requeues == (["requeue 4242"] if sig != signal.SIGTERM else []), requeues
 
-    finish(start_nodes(launcher, [*ARGS, f"trainer.max_steps={END}"], root, job))
+    finish(start_nodes(launcher, [*ARGS, f"trainer.max_steps={END}"], root, job, env=env))
     assert sorted(p.name for p in (root / "runs" / "train").iterdir()) == [job], "one run directory, re-used"
     same_training_state(uninterrupted, run_dir(root, job) / "checkpoints" / "last.ckpt")
 
@@ -105,3 +115,20 @@ def test_a_lost_node_stops_the_other_with_one_sentence_and_the_rerun_resumes(uni
 
     finish(start_nodes("slurm", [*args, f"trainer.max_steps={END}"], root, job))
     same_training_state(uninterrupted, run_dir(root, job) / "checkpoints" / "last.ckpt")
+
+
+def test_a_sweep_through_the_submitit_launcher_writes_both_jobs_and_its_summary(tmp_path):
+    """``hydra/launcher=submitit_local`` runs the same launcher code as ``hydra/launcher=slurm`` (each job in its
+    own process, started by submitit): both jobs train, and the sweep summary lists both."""
+    import csv
+
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", *SMOKE, "callbacks.sample_grid=null", "seed=0,1"]
+    run_cli("train", *args, f"hydra.sweep.dir={sweep}", env={"LIGHTGEN_ROOT": str(tmp_path)})
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(r["seed"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"ok"}, rows
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    assert (sweep / "summary.md").is_file()

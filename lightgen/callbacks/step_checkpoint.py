@@ -40,7 +40,7 @@ class StepCheckpoint(pl.Callback):
     size of the previous checkpoint (with a 10 % margin) and a short disk stops the run with one sentence,
     leaving every existing checkpoint as it was.
 
-    Signals: inside the training loop a stop signal (SIGTERM, SIGINT; SIGUSR1 in a SLURM job) is deferred
+    Signals: inside the training loop a stop signal (SIGTERM, SIGINT; SIGUSR1 and submitit's SIGUSR2 in a SLURM job) is deferred
     (:mod:`lightgen.utils.signals`) to the end of the current step, where all ranks agree, ``last.ckpt`` is
     written and :class:`~lightgen.utils.signals.Terminated` stops the run (``lightgen.train`` exits with
     128 + signal). Outside the loop the signal stops at once. A step whose optimiser update was skipped for a
@@ -141,7 +141,7 @@ class StepCheckpoint(pl.Callback):
             if not skipping:
                 self._save(trainer, periodic=False)
             signum = signals.requested() or signal.SIGTERM
-            if signum == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero:
+            if signum in signals.requeue_signals() and trainer.is_global_zero:
                 requeue_slurm_job(trainer)
             raise signals.Terminated(signum)
         if skipping:

@@ -63,10 +63,23 @@ def _handler(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def requeue_signals() -> tuple[int, ...]:
+    """The signals that announce the end of a SLURM job's time: SIGUSR1 (``sbatch --signal=USR1@90``) and, in a job
+    submitit started (``hydra/launcher=slurm``), its preemption signal (``$SUBMITIT_PREEMPT_SIGNAL``, else USR2).
+    lightgen takes them over from submitit, so one owner writes last.ckpt at a step boundary and requeues."""
+    if not os.environ.get("SLURM_JOB_ID") or not hasattr(signal, "SIGUSR1"):
+        return ()
+    found = [signal.SIGUSR1]
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        submitit_signal = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        if submitit_signal is not None and submitit_signal not in found:
+            found.append(submitit_signal)
+    return tuple(found)
+
+
 def stop_signals() -> tuple[int, ...]:
-    """SIGTERM and SIGINT; also SIGUSR1 inside a SLURM job (``sbatch --signal=USR1@90`` warns before the end)."""
-    extra = (signal.SIGUSR1,) if os.environ.get("SLURM_JOB_ID") and hasattr(signal, "SIGUSR1") else ()
-    return (*STOP_SIGNALS, *extra)
+    """SIGTERM and SIGINT; in a SLURM job also the :func:`requeue_signals`."""
+    return (*STOP_SIGNALS, *requeue_signals())
 
 
 def install(forward: Callable[[int], None] | None = None) -> None:
