@@ -49,7 +49,7 @@ demo-latent: install data  ## latent quickstart: small KL autoencoder -> extract
 
 test: install  ## run the whole test suite (CPU, offline)
 	-@$(MAKE) --no-print-directory data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install  ## the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
