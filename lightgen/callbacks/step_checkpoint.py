@@ -40,11 +40,11 @@ class StepCheckpoint(pl.Callback):
     size of the previous checkpoint (with a 10 % margin) and a short disk stops the run with one sentence,
     leaving every existing checkpoint as it was.
 
-    Signals: inside the training loop a stop signal (SIGTERM, SIGINT; SIGUSR1 and submitit's SIGUSR2 in a SLURM job) is deferred
-    (:mod:`lightgen.utils.signals`) to the end of the current step, where all ranks agree, ``last.ckpt`` is
-    written and :class:`~lightgen.utils.signals.Terminated` stops the run (``lightgen.train`` exits with
-    128 + signal). Outside the loop the signal stops at once. A step whose optimiser update was skipped for a
-    non-finite loss (the module's ``nonfinite_streak`` > 0) writes nothing, so the last good checkpoint stays.
+    Signals: inside the training loop a stop signal (SIGTERM, SIGINT; SIGUSR1 and submitit's SIGUSR2 in a SLURM job)
+    is deferred (:mod:`lightgen.utils.signals`) to the end of the current step, where all ranks agree, ``last.ckpt``
+    is written and :class:`~lightgen.utils.signals.Terminated` stops the run (``lightgen.train`` exits with 128 +
+    signal). Outside the loop the signal stops at once. A step whose optimiser update was skipped for a non-finite
+    loss (the module's ``nonfinite_streak`` > 0) writes nothing, so the last good checkpoint stays.
     """
 
     def __init__(
