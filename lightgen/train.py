@@ -147,8 +147,8 @@ def run_errors(prog: str, out: Path):
             if not collective_failure(e):
                 raise
             print(
-                f"{prog}: error: lost contact with another process of the run ({peer_error(e)}), e.g. a node that "
-                f"died or hung past trainer.strategy.timeout; {_kept(out)} on every node",
+                f"{prog}: error: lost contact with another process of the run ({peer_error(e)}): a node died or "
+                f"hung past trainer.strategy.timeout; {_kept(out)} (on every node)",
                 file=sys.stderr,
                 flush=True,
             )
