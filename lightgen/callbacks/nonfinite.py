@@ -47,8 +47,8 @@ class NonFiniteGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = grad_norm(params)
-        norm = torch.zeros(()) if norm is None else norm
         pl_module.step_grad_norm = (trainer.global_step, norm)  # logged by the module without a second pass
+        norm = torch.zeros(()) if norm is None else norm
         bad = torch.tensor([0.0 if self._loss_finite else 1.0], device=norm.device)
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad.to(trainer.strategy.root_device), reduce_op="max")
