@@ -36,7 +36,7 @@ data:  ## get Fashion-MNIST (Debian package, else the .deb unpacked into data/, 
 
 demo: install data  ## train the quickstart DiT on Fashion-MNIST (~10 min on 2 CPU cores) and write its sample grid
 	$(BIN)/python -m lightgen.train experiment=quickstart hydra.run.dir=$(RUN)
-	@echo "sample grid: $$(ls -t $(RUN)/samples/*.png | head -1)"
+	@echo "sample grid: $$(ls -t $(RUN)/samples/step_*.png | head -1)"
 
 LATENT ?= runs/quickstart_latent
 demo-latent: install data  ## latent quickstart: small KL autoencoder -> extracted latents -> DiT on latents
@@ -45,7 +45,7 @@ demo-latent: install data  ## latent quickstart: small KL autoencoder -> extract
 		first_stage.checkpoint=$(LATENT)/vae/checkpoints/last.ckpt out=$(LATENT)/latents batch_size=256
 	$(BIN)/python -m lightgen.train experiment=quickstart_latent hydra.run.dir=$(LATENT)/dit \
 		first_stage.checkpoint=$(LATENT)/vae/checkpoints/last.ckpt data.path=$(LATENT)/latents
-	@echo "sample grid: $$(ls -t $(LATENT)/dit/samples/*.png | head -1)"
+	@echo "sample grid: $$(ls -t $(LATENT)/dit/samples/step_*.png | head -1)"
 
 test: install  ## run the whole test suite (CPU, offline)
 	-@$(MAKE) --no-print-directory data

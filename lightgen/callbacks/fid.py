@@ -13,11 +13,17 @@ from lightgen.sampling import draw_batch, make_labels, rank_batches
 from lightgen.utils import signals
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.image_grids import log_image_to_loggers, save_grid, to_uint8
+from lightgen.utils.progress import PhaseProgress
 
 
 def metric_name(num_samples: int) -> str:
     """``val/fid1k`` for 1,000 samples, ``val/fid50k`` for 50,000, else ``val/fid<N>``."""
     return f"val/fid{num_samples // 1000}k" if num_samples % 1000 == 0 else f"val/fid{num_samples}"
+
+
+def trainer_bar(trainer: pl.Trainer):
+    """The Trainer's Rich progress display while it is on screen (a phase joins it as a task), else None."""
+    return getattr(trainer.progress_bar_callback, "progress", None)
 
 
 class FIDCallback(pl.Callback):
@@ -129,7 +135,12 @@ class FIDCallback(pl.Callback):
             batches = iter_dataset_images(dm, num, seed=self.seed, batch_size=self.inception_batch_size)
             total = num if num is not None else count_dataset(dm)
             ref = compute_reference(
-                batches, self.extractor(device), self.inception_batch_size, progress=False, total=total
+                batches,
+                self.extractor(device),
+                self.inception_batch_size,
+                total=total,
+                description=f"FID reference ({total} images)",
+                live=trainer_bar(trainer),
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             from lightgen.metrics import save_reference
@@ -153,15 +164,20 @@ class FIDCallback(pl.Callback):
         extractor = self.extractor(device)
         acc = FeatureStatsAccumulator(2048, device=device if device.type == "cuda" else "cpu")
         grid: list[torch.Tensor] = []
-        for b in rank_batches(num_batches, rank, world):
-            if world == 1:  # a stop signal during a mid-training FID (deferred) stops here, not after it
-                signals.check()
-            x = draw_batch(pl_module, labels, self.batch_size, self.seed, b, **self.overrides)
-            images = to_uint8(x)  # (N, H, W, C) uint8, as the final evaluation
-            for i in range(0, len(images), self.inception_batch_size):
-                acc.update(extractor.features(images[i : i + self.inception_batch_size])["pool"])
-            if rank == 0 and sum(len(g) for g in grid) < self.grid_samples:
-                grid.append(x[: self.grid_samples].float().cpu())
+        batches = list(rank_batches(num_batches, rank, world))
+        mine = sum(min(self.batch_size, self.num_samples - b * self.batch_size) for b in batches)
+        what = f"{self.name}: sampling + Inception" + (f" (rank 0's {mine} of {self.num_samples})" if world > 1 else "")
+        with PhaseProgress(what, mine, enabled=rank == 0, live=trainer_bar(trainer)) as bar:
+            for b in batches:
+                if world == 1:  # a stop signal during a mid-training FID (deferred) stops here, not after it
+                    signals.check()
+                x = draw_batch(pl_module, labels, self.batch_size, self.seed, b, **self.overrides)
+                images = to_uint8(x)  # (N, H, W, C) uint8, as the final evaluation
+                for i in range(0, len(images), self.inception_batch_size):
+                    acc.update(extractor.features(images[i : i + self.inception_batch_size])["pool"])
+                if rank == 0 and sum(len(g) for g in grid) < self.grid_samples:
+                    grid.append(x[: self.grid_samples].float().cpu())
+                bar.advance(len(images))
         acc.all_reduce()
         if rank != 0:
             return None

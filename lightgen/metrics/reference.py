@@ -145,6 +145,8 @@ def compute_reference(
     progress: bool = True,
     path: str | Path | None = None,
     total: int | None = None,
+    description: str = "reference statistics",
+    live=None,
 ) -> ReferenceStats:
     """Statistics of ``images`` (uint8 array or an iterable of uint8 batches), streamed through the network.
 
@@ -170,7 +172,9 @@ def compute_reference(
             yield arr
 
     seen = 0
-    for out in iter_features(tee(), extractor, batch_size, progress, total if total is not None else n, "reference"):
+    for out in iter_features(
+        tee(), extractor, batch_size, progress, total if total is not None else n, description, live
+    ):
         if pool_acc is None:
             pool_acc = FeatureStatsAccumulator(out["pool"].shape[1])
             spatial_acc = FeatureStatsAccumulator(out["spatial"].shape[1])
