@@ -34,7 +34,7 @@ data:  ## get Fashion-MNIST (Debian package, else the .deb unpacked into data/, 
 		$(BIN)/python -c "from lightgen.data.fashion_mnist import download; download('data/fashion-mnist')"; \
 	fi
 
-demo: install data  ## train the quickstart DiT on Fashion-MNIST (~10 min on 2 CPU cores) and write its sample grid
+demo: install data  ## train the quickstart DiT on Fashion-MNIST (~12 min on 2 CPU cores), its sample grid and FID-1k (~10 min more)
 	$(BIN)/python -m lightgen.train experiment=quickstart hydra.run.dir=$(RUN)
 	@echo "sample grid: $$(ls -t $(RUN)/samples/step_*.png | head -1)"
 

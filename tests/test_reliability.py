@@ -321,7 +321,8 @@ def test_evaluate_stops_within_seconds_on_sigterm_and_writes_nothing(tmp_path):
     rng = np.random.default_rng(0)
     samples = tmp_path / "samples.npz"
     np.savez(samples, arr_0=rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8))
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8))
+    # a small reference (its statistics come first), then 400 samples to be interrupted in
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
     proc = Proc("evaluate", f"samples={samples}", f"ref={tmp_path / 'ref.npz'}", "batch_size=16")
     assert proc.until(lambda: _has_open(proc.p.pid, samples)), "evaluate started reading the samples"
     time.sleep(0.5)

