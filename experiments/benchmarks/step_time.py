@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -39,11 +40,13 @@ from lightgen.first_stage.identity import IdentityFirstStage  # noqa: E402
 from lightgen.methods import DiffusionModule  # noqa: E402
 
 
-def build(spec: str, patch_size: int, device: torch.device):
-    """``dit_s`` / ``mdt_s:v1`` / ``diffit_s`` -> (name, DiffusionModule, params)."""
+def build(spec: str, patch_size: int, device: torch.device, compile: bool = False):
+    """``dit_s`` / ``mdt_s:v1`` / ``diffit_s`` -> (name, DiffusionModule, params); ``compile``: ``method.compile``."""
     name, _, version = spec.partition(":")
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
-    cfg.pop("defaults", None)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        full = compose(config_name="train", overrides=[f"model={name}"])  # model files compose from model_base
+    OmegaConf.set_struct(full, False)
+    cfg = full.model
     cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma = 32, 4, 1000, True
     if "patch_size" in cfg:
         cfg.patch_size = patch_size
@@ -62,9 +65,11 @@ def build(spec: str, patch_size: int, device: torch.device):
         process=GaussianDiffusionProcess(masking=masking),
         first_stage=IdentityFirstStage(channels=4, image_size=32),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0),
+        compile=compile,
     ).to(device)
+    module.setup("fit")  # what the Trainer calls: compiles the net and its EMA copy in place when asked
     module.log_mean_across_ranks = lambda *a, **k: None  # no Trainer: logging is not timed
-    label = f"{name}{'/' + version if version else ''}/{patch_size}"
+    label = f"{name}{'/' + version if version else ''}/{patch_size}" + (" compiled" if compile else "")
     return label, module, sum(p.numel() for p in net.parameters())
 
 
@@ -98,6 +103,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="also time each model with method.compile=true (inductor)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -111,13 +117,16 @@ def main() -> None:
     }
     runs = {}
     for spec in args.models.split(","):
-        label, module, params = build(spec, args.patch_size, device)
-        runs[label] = {"params": params, "step": step_fn(module, batch, args.precision, device), "times": []}
-        print(f"{label}: {params:,} parameters", flush=True)
+        for compiled in (False, True) if args.compile else (False,):
+            label, module, params = build(spec, args.patch_size, device, compiled)
+            runs[label] = {"params": params, "step": step_fn(module, batch, args.precision, device), "times": []}
+            print(f"{label}: {params:,} parameters", flush=True)
     labels = list(runs)
-    for _ in range(args.warmup):
+    for _ in range(args.warmup):  # the first steps of a compiled model compile it (forward, backward)
         for label in labels:
+            t0 = time.perf_counter()
             runs[label]["step"]()
+            runs[label].setdefault("warmup_s", []).append(round(time.perf_counter() - t0, 2))
     for rep in range(args.reps):
         order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
         for label in order:
@@ -136,6 +145,7 @@ def main() -> None:
                 "min_ms": round(min(runs[label]["times"]), 1),
                 "max_ms": round(max(runs[label]["times"]), 1),
                 "ratio_to_first": round(med / base, 3),
+                "warmup_s": runs[label].get("warmup_s", []),
             }
         )
         print(f"{label:>16}: {med:8.1f} ms/step (x{med / base:.2f})", flush=True)
