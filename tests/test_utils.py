@@ -127,41 +127,40 @@ def test_threads_per_process_follow_the_launcher_unless_omp_num_threads_is_set(b
 
 
 # -- progress of long phases (FID reference statistics, FID sampling, Inception) --------------------------------------
-def _progress_lines(tmp_path, interactive: bool, enabled: bool = True, capsys=None):
+def _progress_lines(tmp_path, monkeypatch, interactive: bool, enabled: bool = True):
     import logging
+    from types import SimpleNamespace
 
-    from lightgen.utils.progress import PhaseProgress, log
+    import lightgen.utils.progress as progress
 
+    clock = iter([0.0, 10.0, 40.0, 100.0])  # enter, two advances, exit
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     handler = logging.FileHandler(tmp_path / "run.log")
-    log.addHandler(handler)
+    progress.log.addHandler(handler)
     try:
-        clock = iter([0.0, 10.0, 40.0, 100.0])
-        import lightgen.utils.progress as progress
-
-        real = progress.time.perf_counter
-        progress.time.perf_counter = lambda: next(clock)
-        try:
-            with PhaseProgress("FID reference statistics", total=2000, enabled=enabled, interactive=interactive) as p:
-                p.advance(200)  # t = 10 s: under `every`, no line
-                p.advance(600)  # t = 40 s: 800 of 2000 in 40 s -> 60 s left
-        finally:
-            progress.time.perf_counter = real
+        with progress.PhaseProgress(
+            "FID reference statistics", total=2000, enabled=enabled, interactive=interactive
+        ) as p:
+            p.advance(200)  # t = 10 s: under `every`, no line
+            p.advance(600)  # t = 40 s: 800 of 2000 in 40 s -> 60 s left
     finally:
-        log.removeHandler(handler)
+        progress.log.removeHandler(handler)
         handler.close()
     return (tmp_path / "run.log").read_text().splitlines()
 
 
-def test_a_long_phase_writes_its_eta_to_the_log_file_and_to_stdout_only_without_a_terminal(tmp_path, capsys):
-    lines = _progress_lines(tmp_path, interactive=False)
+def test_a_long_phase_writes_its_eta_to_the_log_file_and_to_stdout_only_without_a_terminal(
+    tmp_path, capsys, monkeypatch
+):
+    lines = _progress_lines(tmp_path, monkeypatch, interactive=False)
     assert lines == [
         "FID reference statistics: 800/2000 images (40%), 0:00:40 elapsed, ETA 0:01:00",
         "FID reference statistics: 800 images in 0:01:40 (8.0 images/s)",
     ]
     assert capsys.readouterr().out.splitlines() == lines  # a piped `make demo` / SLURM log shows the same lines
     (tmp_path / "run.log").unlink()
-    assert _progress_lines(tmp_path, interactive=True) == lines  # the terminal has the Rich bar instead
+    assert _progress_lines(tmp_path, monkeypatch, interactive=True) == lines  # the terminal has the Rich bar instead
     assert "ETA" not in capsys.readouterr().out
     (tmp_path / "run.log").unlink()
-    assert _progress_lines(tmp_path, interactive=False, enabled=False) == []  # other ranks: nothing
+    assert _progress_lines(tmp_path, monkeypatch, interactive=False, enabled=False) == []  # other ranks: nothing
     assert capsys.readouterr().out == ""

@@ -171,21 +171,19 @@ class InceptionFeatures:
         """uint8 (N, H, W, C) / (N, C, H, W) / (N, H, W) images -> ``pool``, ``spatial`` [, ``logits``] (float32)."""
         x = to_nchw_uint8(images).to(self.device, non_blocking=True).contiguous()
         ctx = contextlib.nullcontext() if self.allow_tf32 else _full_fp32(self.device)
-        chunk = self.cpu_chunk if self.device.type == "cpu" else len(x)
-        parts = []
+        chunk = self.cpu_chunk if self.device.type == "cpu" else max(len(x), 1)
+        pools, spatials, logits = [], [], []
         with ctx:
-            for i in range(0, max(len(x), 1), max(chunk, 1)):  # an empty batch still makes one call
+            for i in range(0, max(len(x), 1), chunk):  # an empty batch still makes one call
                 self._spatial.clear()
                 outputs = self.net(x[i : i + chunk])
-                parts.append((outputs[0], self._spatial.pop(), outputs[1] if self.has_logits else None))
-        if len(parts) == 1:
-            pool, spatial, logits = parts[0]
-        else:
-            pool, spatial = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            logits = torch.cat([p[2] for p in parts]) if self.has_logits else None
-        out = {"pool": pool, "spatial": spatial}
+                pools.append(outputs[0])
+                spatials.append(self._spatial.pop())
+                if self.has_logits:
+                    logits.append(outputs[1])
+        out = {"pool": torch.cat(pools), "spatial": torch.cat(spatials)}
         if self.has_logits:
-            out["logits"] = logits
+            out["logits"] = torch.cat(logits)
         return out
 
     __call__ = features
