@@ -309,3 +309,14 @@ def test_loss_with_lpips_term():
     assert "lpips" in logs and logs["lpips"] > 0
     loss.backward()
     assert ae.last_layer.grad is not None
+
+
+def test_frozen_autoencoders_keep_nchw_on_the_cpu():
+    """Channels-last is a CUDA layout (tests/test_gpu.py); on the CPU it would move results by float rounding."""
+    from lightgen.first_stage.layout import channels_last_on_cuda
+
+    ae = SmallKLAutoencoder(**FAST).requires_grad_(False)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert channels_last_on_cuda(ae, x) is x
+    ae.decode(ae.encode(x))
+    assert all(p.is_contiguous() for p in ae.parameters())

@@ -288,3 +288,27 @@ def test_compiled_training_matches_eager_losses_and_keeps_the_checkpoint_layout(
         for r in (tmp_path / "eager", tmp_path / "compiled")
     )
     assert list(a["state_dict"]) == list(b["state_dict"]), "compiling in place keeps the state-dict keys"
+
+
+def test_adam_takes_the_fused_kernel_only_for_cuda_parameters_when_the_config_leaves_it_open():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from lightgen.methods.base import fused_on_cuda
+
+    cuda = [SimpleNamespace(device=torch.device("cuda", 0))] * 2  # only the device is read
+    cpu = [torch.nn.Parameter(torch.zeros(1))]
+    assert fused_on_cuda(partial(torch.optim.AdamW, lr=1e-4), cuda) == {"fused": True}
+    assert fused_on_cuda(partial(torch.optim.Adam, lr=1e-4), cuda) == {"fused": True}
+    assert fused_on_cuda(partial(torch.optim.AdamW, lr=1e-4), cpu) == {}
+    assert fused_on_cuda(partial(torch.optim.AdamW, lr=1e-4), cuda + cpu) == {}
+    assert fused_on_cuda(partial(torch.optim.AdamW, fused=False), cuda) == {}  # the config decides
+    assert fused_on_cuda(partial(torch.optim.AdamW, foreach=True), cuda) == {}
+    assert fused_on_cuda(partial(torch.optim.SGD, lr=0.1), cuda) == {}
+    module = DiffusionModule(
+        net=tiny_net(),
+        process=GaussianDiffusionProcess(),
+        first_stage=IdentityFirstStage(channels=1, image_size=16),
+        optimizer=partial(torch.optim.AdamW, lr=1e-4),
+    )
+    assert not module.configure_optimizers().defaults["fused"]  # the CPU keeps torch's default path

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightgen.first_stage.layout import channels_last_on_cuda
 from lightgen.utils.errors import LightgenConfigError
 
 
@@ -140,13 +141,15 @@ class PretrainedKL(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        images = channels_last_on_cuda(self.vae, images.to(self.vae.dtype))
+        dist = self.vae.encode(images).latent_dist
         z = dist.sample(generator=generator) if self.sample else dist.mean
         return z * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample.clamp(-1, 1)
+        latents = channels_last_on_cuda(self.vae, latents.to(self.vae.dtype) / self.scale_factor)
+        return self.vae.decode(latents).sample.clamp(-1, 1)
 
 
 def _drop_vae_weights(module, state_dict, prefix, local_metadata):
@@ -290,11 +293,11 @@ class SmallKLAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.encode_unscaled(images, generator) * self.scale_factor
+        return self.encode_unscaled(channels_last_on_cuda(self, images), generator) * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scale_factor).sample.clamp(-1, 1)
+        return self.vae.decode(channels_last_on_cuda(self, latents / self.scale_factor)).sample.clamp(-1, 1)
 
     def forward(self, images: torch.Tensor, sample_posterior: bool = True, generator=None):
         """Training pass (with gradients): ``(reconstruction, posterior)``; the posterior is diffusers'

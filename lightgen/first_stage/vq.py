@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightgen.first_stage.layout import channels_last_on_cuda
 from lightgen.first_stage.quantize import STAT_BUFFERS
 from lightgen.utils.errors import LightgenConfigError
 from lightgen.utils.state_dicts import state_dict_mismatch
@@ -285,7 +286,7 @@ class VQFirstStage(nn.Module):
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] → code indices, a LongTensor (N, H/f, W/f)."""
         self._require_weights()
-        return nearest_codes(self.encode_continuous(images), self.codebook)
+        return nearest_codes(self.encode_continuous(channels_last_on_cuda(self, images)), self.codebook)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (N, h, w) → their codebook vectors (N, D, h, w)."""
@@ -316,7 +317,7 @@ class VQFirstStage(nn.Module):
         latents = latents.to(self.codebook.dtype)
         if quantize:
             latents = self.indices_to_latents(nearest_codes(latents, self.codebook))
-        return self._decode(latents).clamp(-1, 1)
+        return self._decode(channels_last_on_cuda(self, latents)).clamp(-1, 1)
 
     def _decode(self, quantised: torch.Tensor) -> torch.Tensor:
         return self.vq.decoder(self.vq.post_quant_conv(quantised))

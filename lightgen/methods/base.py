@@ -18,6 +18,19 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 FORMAT_VERSION = 1
 
 
+def fused_on_cuda(factory, params: list[nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` for Adam / AdamW on CUDA parameters when the config sets neither ``fused`` nor ``foreach``.
+
+    The fused kernel updates every parameter in one launch instead of torch's default multi-tensor (foreach) path:
+    the same update up to float rounding. Anywhere else (the CPU, other optimisers, an explicit choice) ``{}``.
+    """
+    keywords = getattr(factory, "keywords", None) or {}
+    cls = getattr(factory, "func", factory)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    is_adam = isinstance(cls, type) and issubclass(cls, (torch.optim.Adam, torch.optim.AdamW))
+    return {"fused": True} if on_cuda and is_adam and not {"fused", "foreach"} & set(keywords) else {}
+
+
 class RunState:
     """Per-rank RNG streams and the lightgen extras every checkpoint carries (mixed into LightningModules).
 
@@ -90,7 +103,10 @@ class LightgenModule(RunState, pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("this module was built without an optimizer (sampling only); select optim=... to train.")
-        optimizers = [self.optimizer_factory(params=group) for group in self.optimized_parameter_groups()]
+        optimizers = [
+            self.optimizer_factory(params=group, **fused_on_cuda(self.optimizer_factory, group))
+            for group in self.optimized_parameter_groups()
+        ]
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
         schedulers = [{"scheduler": self.scheduler_factory(o), "interval": "step"} for o in optimizers]
