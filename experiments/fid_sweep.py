@@ -113,6 +113,14 @@ def summarize(rows: list[dict], out: Path, logx: bool = False) -> None:
         xs, ys = curves.setdefault(label, ([], []))
         xs.append(float(r["value"]))
         ys.append(r["fid1k"])
+    if len(curves) > 1:  # one row per value, one column per curve: the table to read across settings
+        labels, values = list(curves), sorted({float(r["value"]) for r in rows})
+        cell = {(lab, x): y for lab, (xs, ys) in curves.items() for x, y in zip(xs, ys)}
+        lines += ["", f"FID-1k by {key} (columns: {', '.join(labels)})", ""]
+        lines += [f"| {key} | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for x in values:
+            row = [f"{cell[(lab, x)]:.2f}" if (lab, x) in cell else "–" for lab in labels]
+            lines.append(f"| {x:g} | " + " | ".join(row) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     ordered = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in curves.items()}
     title = out.name + (f" ({', '.join(f'{k}={v}' for k, v in shared.items())})" if shared and len(curves) > 1 else "")

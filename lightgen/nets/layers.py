@@ -49,6 +49,12 @@ __all__ = [
 ]
 
 
+def eager() -> bool:
+    """Whether to check input values (token ids, labels, timesteps) on the host: in eager mode only. Under
+    ``torch.compile`` such a check would read the tensor on the host and split the graph (a sync per forward)."""
+    return not torch.compiler.is_compiling()
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: ``x * (1 + scale) + shift`` with (N, D) shift/scale broadcast over tokens.
 

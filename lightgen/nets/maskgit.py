@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import check_heads, check_positive_int
+from .layers import check_heads, check_positive_int, eager
 
 __all__ = [
     "MaskGIT",
@@ -340,7 +340,7 @@ class MaskGIT(nn.Module):
                 "whose tokens these are."
             )
         bad = (tokens < 0) | ((tokens >= self.codebook_size) & (tokens != self.mask_token_id))
-        if bool(bad.any()):
+        if eager() and bool(bad.any()):
             value = int(tokens[bad][0])
             raise ValueError(
                 f"{_OWNER}: token id {value} is neither an image code in [0, {self.codebook_size}) nor the mask id "
@@ -366,7 +366,7 @@ class MaskGIT(nn.Module):
                 f"{y.dtype} of shape {tuple(y.shape)}; pass one label per image."
             )
         top = self.num_classes if self.null_class is None else self.num_classes + 1
-        if n and (int(y.min()) < 0 or int(y.max()) >= top):
+        if eager() and n and (int(y.min()) < 0 or int(y.max()) >= top):
             allowed = f"[0, {self.num_classes})" + (
                 f" or {self.null_class} (null_class)" if self.null_class is not None else ""
             )

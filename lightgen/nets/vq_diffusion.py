@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import check_heads, check_positive_int
+from .layers import check_heads, check_positive_int, eager
 
 __all__ = [
     "GELU2",
@@ -140,12 +140,9 @@ class VQDiffusionAdaLayerNorm(nn.Module):
 
     def condition(self, c: torch.Tensor) -> torch.Tensor:
         """(N,) ids -> (N, D) table rows; ids ``>= rows`` get the mean row (official fallback)."""
-        weight = self.emb.weight
-        beyond = c >= self.rows
-        if not bool(beyond.any()):
-            return self.emb(c)
+        beyond = c >= self.rows  # no branch on it: no host sync per forward, one graph under torch.compile
         rows = self.emb(c.clamp(max=self.rows - 1))
-        return torch.where(beyond[:, None], weight.mean(dim=0, keepdim=True), rows)
+        return torch.where(beyond[:, None], self.emb.weight.mean(dim=0, keepdim=True), rows)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         emb = self.linear(self.silu(self.condition(c))).unsqueeze(1)
@@ -394,7 +391,7 @@ class VQDiffusion(nn.Module):
                 f"{grid} grid (position table {self.spatial_size}x{self.spatial_size}); set {fix} (it follows "
                 "first_stage.token_size) or use the first_stage whose tokens these are."
             )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > self.mask_token_id):
+        if eager() and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > self.mask_token_id):
             bad = int(tokens[(tokens < 0) | (tokens > self.mask_token_id)][0])
             raise ValueError(
                 f"{_OWNER}: token id {bad} is neither a code in [0, {self.codebook_size}) nor the mask id "
@@ -412,7 +409,7 @@ class VQDiffusion(nn.Module):
                 f"{_OWNER}: timesteps must be an integer tensor of shape ({n},) for a batch of {n}, got {t.dtype} of "
                 f"shape {tuple(t.shape)}; pass the step indices in [0, {self.num_timesteps})."
             )
-        if n and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        if eager() and n and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(
                 f"{_OWNER}: timesteps must be in [0, {self.num_timesteps}), got values in [{int(t.min())}, "
                 f"{int(t.max())}]; check that model.num_timesteps equals the process's number of steps."
@@ -431,7 +428,7 @@ class VQDiffusion(nn.Module):
                 f"{_OWNER}: class labels must be an integer tensor of shape ({n},) for a batch of {n}, got {y.dtype} "
                 f"of shape {tuple(y.shape)}; pass one label per image."
             )
-        if n and (int(y.min()) < 0 or int(y.max()) > self.null_class):
+        if eager() and n and (int(y.min()) < 0 or int(y.max()) > self.null_class):
             raise ValueError(
                 f"{_OWNER}: class labels must be in [0, {self.num_classes}) or {self.null_class} (null_class), got "
                 f"values in [{int(y.min())}, {int(y.max())}]; check that model.num_classes equals data.num_classes."
