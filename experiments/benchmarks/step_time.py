@@ -35,46 +35,94 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from lightgen.compose import build_method  # noqa: E402
 from lightgen.diffusion import GaussianDiffusionProcess  # noqa: E402
 from lightgen.first_stage.identity import IdentityFirstStage  # noqa: E402
 from lightgen.methods import DiffusionModule  # noqa: E402
 
+TOKEN_EXPERIMENTS = {  # the token methods at the ImageNet-256 token shape, random (never read) tokenizers
+    "maskgit": ["experiment=maskgit_imagenet256", "first_stage.checkpoint=null"],
+    "vq_diffusion": ["experiment=vq_diffusion_imagenet256", "first_stage.checkpoint=null", "first_stage.code_map=null"],
+}
+
+
+class DiffusersDiT(torch.nn.Module):
+    """diffusers' ``DiTTransformer2DModel`` behind lightgen's net call ``net(x, t, y)`` (same loss, same step)."""
+
+    def __init__(self, lightgen_dit: torch.nn.Module):
+        super().__init__()
+        from diffusers import DiTTransformer2DModel
+
+        from lightgen.convert.dit import (
+            diffusers_dit_kwargs,
+            dit_to_diffusers_state_dict,
+            match_official_timestep_embedding,
+        )
+
+        state = lightgen_dit.state_dict()
+        self.model = DiTTransformer2DModel(**diffusers_dit_kwargs(state, num_heads=lightgen_dit.num_heads))
+        self.model.load_state_dict(dit_to_diffusers_state_dict(state), strict=True)
+        match_official_timestep_embedding(self.model)
+        self.num_classes, self.in_channels = lightgen_dit.num_classes, lightgen_dit.in_channels
+
+    def forward(self, x, t, y):
+        return self.model(x, timestep=t, class_labels=y).sample
+
 
 def build(spec: str, patch_size: int, device: torch.device, compile: bool = False):
-    """``dit_s`` / ``mdt_s:v1`` / ``diffit_s`` -> (name, DiffusionModule, params); ``compile``: ``method.compile``."""
-    name, _, version = spec.partition(":")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        full = compose(config_name="train", overrides=[f"model={name}"])  # model files compose from model_base
-    OmegaConf.set_struct(full, False)
-    cfg = full.model
-    cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma = 32, 4, 1000, True
-    if "patch_size" in cfg:
-        cfg.patch_size = patch_size
-    if version:
-        cfg.version = version
-    masking = None
-    if name.startswith("mdt"):
-        if "decode_layer" in cfg and version == "v1":
-            cfg.decode_layer = 2
-        m = OmegaConf.load(ROOT / "conf" / "masking" / ("mdt.yaml" if version == "v1" else "mdt_v2.yaml"))
-        masking = instantiate(m)
-        cfg.mask_ratio = float(m.ratio)
-    net = instantiate(cfg)
-    module = DiffusionModule(
-        net=net,
-        process=GaussianDiffusionProcess(masking=masking),
-        first_stage=IdentityFirstStage(channels=4, image_size=32),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0),
-        compile=compile,
-    ).to(device)
+    """``dit_s`` / ``mdt_s:v1`` / ``diffit_s`` / ``maskgit_s`` / ``vq_diffusion_s`` / ``diffusers:dit_s`` ->
+    (label, module, params, batch kind); ``compile``: ``method.compile``."""
+    source, _, rest = spec.rpartition(":") if spec.startswith("diffusers:") else ("", "", spec)
+    name, _, version = rest.partition(":")
+    family = name.rsplit("_", 1)[0]
+    if family in TOKEN_EXPERIMENTS:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            full = compose(config_name="train", overrides=[*TOKEN_EXPERIMENTS[family], f"model={name}", "data.path=/x"])
+        OmegaConf.set_struct(full, False)
+        full.method.compile = compile
+        torch.manual_seed(0)
+        module = build_method(full.method).to(device)
+        kind = "tokens"
+    else:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            full = compose(config_name="train", overrides=[f"model={name}"])  # model files compose from model_base
+        OmegaConf.set_struct(full, False)
+        cfg = full.model
+        cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma = 32, 4, 1000, True
+        if "patch_size" in cfg:
+            cfg.patch_size = patch_size
+        if version:
+            cfg.version = version
+        masking = None
+        if name.startswith("mdt"):
+            if "decode_layer" in cfg and version == "v1":
+                cfg.decode_layer = 2
+            m = OmegaConf.load(ROOT / "conf" / "masking" / ("mdt.yaml" if version == "v1" else "mdt_v2.yaml"))
+            masking = instantiate(m)
+            cfg.mask_ratio = float(m.ratio)
+        torch.manual_seed(0)  # diffusers:dit_s gets the same initial weights as dit_s
+        net = instantiate(cfg)
+        if source == "diffusers":
+            net = DiffusersDiT(net)
+        module = DiffusionModule(
+            net=net,
+            process=GaussianDiffusionProcess(masking=masking),
+            first_stage=IdentityFirstStage(channels=4, image_size=32),
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0),
+            compile=compile,
+        ).to(device)
+        kind = "latent"
     module.setup("fit")  # what the Trainer calls: compiles the net and its EMA copy in place when asked
     module.log_mean_across_ranks = lambda *a, **k: None  # no Trainer: logging is not timed
-    label = f"{name}{'/' + version if version else ''}/{patch_size}" + (" compiled" if compile else "")
-    return label, module, sum(p.numel() for p in net.parameters())
+    label = f"{source + ' ' if source else ''}{name}{'/' + version if version else ''}"
+    label += f"/{patch_size}" if kind == "latent" else ""
+    label += " compiled" if compile else ""
+    return label, module, sum(p.numel() for p in module.net.parameters()), kind
 
 
-def step_fn(module: DiffusionModule, batch: dict, precision: str, device: torch.device):
+def step_fn(module, batch: dict, precision: str, device: torch.device):
     opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def step():
@@ -111,14 +159,20 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     torch.manual_seed(0)
-    batch = {
-        "latent": torch.randn(args.batch, 4, 32, 32, device=device),
-        "label": torch.randint(0, 1000, (args.batch,), device=device),
-    }
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    latents = torch.randn(args.batch, 4, 32, 32, device=device)
     runs = {}
     for spec in args.models.split(","):
         for compiled in (False, True) if args.compile else (False,):
-            label, module, params = build(spec, args.patch_size, device, compiled)
+            label, module, params, kind = build(spec, args.patch_size, device, compiled)
+            if kind == "tokens":
+                shape = module.sample_shape(args.batch)
+                codes = torch.randint(
+                    0, module.first_stage.codebook_size, shape, generator=torch.Generator().manual_seed(0)
+                )
+                batch = {"tokens": codes.to(device), "label": labels}
+            else:
+                batch = {"latent": latents, "label": labels}
             runs[label] = {"params": params, "step": step_fn(module, batch, args.precision, device), "times": []}
             print(f"{label}: {params:,} parameters", flush=True)
     labels = list(runs)
