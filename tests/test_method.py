@@ -312,3 +312,20 @@ def test_adam_takes_the_fused_kernel_only_for_cuda_parameters_when_the_config_le
         optimizer=partial(torch.optim.AdamW, lr=1e-4),
     )
     assert not module.configure_optimizers().defaults["fused"]  # the CPU keeps torch's default path
+
+
+@pytest.mark.parametrize("experiment", ["quickstart_maskgit", "quickstart_vqdiffusion"])
+def test_token_nets_trace_to_one_graph_without_host_syncs(experiment):
+    """Input checks that read values on the host (ids, labels, timesteps) run in eager mode only: under
+    ``torch.compile`` each would split the graph and sync with the device in every forward."""
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    net = instantiate(compose([f"experiment={experiment}"]).model).eval()
+    tokens = torch.randint(0, net.codebook_size, (2, net.num_tokens))
+    t = torch.zeros(2, dtype=torch.long) if experiment == "quickstart_vqdiffusion" else None
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(tokens, t, y=torch.tensor([1, 2]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with pytest.raises(ValueError, match="token id"):  # eager mode still names a bad id in one sentence
+        net(torch.full_like(tokens, -1), t, y=torch.tensor([1, 2]))
