@@ -5,7 +5,10 @@ classes, learned sigma) inside lightgen's real ``DiffusionModule``; MDT gets its
 so one step is exactly what ``lightgen.train`` runs: ``training_step`` (MDT: full pass + masked
 pass, Min-SNR off/on as configured) + backward + AdamW step + EMA update. Models are timed in turns
 (the order rotates every repetition) so drift hits all equally; reported: median ms per step over
-``--reps`` and the ratio to the first model (DiT).
+``--reps`` and the ratio to the first model (DiT). ``maskgit_s`` / ``vq_diffusion_s`` (any size of those
+families) are built in their ``TokenModule`` from their ImageNet-256 experiments (16x16 tokens, random tokenizers);
+``diffusers:dit_s`` is diffusers' ``DiTTransformer2DModel`` with ``dit_s``'s initial weights inside the same
+``DiffusionModule`` (same loss and step). ``--compile`` adds a ``method.compile=true`` copy of each model.
 
     .venv/bin/python experiments/benchmarks/step_time.py --models dit_s,mdt_s:v1,mdt_s:v2,diffit_s \
         --batch 8 --reps 7 --out experiments/benchmarks/step_time_cpu.json
